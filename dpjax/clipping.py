@@ -1,0 +1,313 @@
+"""Per-example gradient clipping: the one place dpjax clips.
+
+``clipped_grad(loss_fn, l2_clip_norm=C)`` turns an ordinary batch loss into a
+function that returns the *sum over examples* of each example's gradient,
+each scaled so that its L2 norm is at most ``C``. The result is a
+:class:`ClippedGradient`, which carries the L2 sensitivity of that sum so the
+noise step (:func:`dpjax.privatize`) can check that its noise is calibrated to
+it.
+
+Guarantees (privacy invariants 1 and 2 of the design notes):
+
+* every example's contribution to the sum has L2 norm ``<= C`` (flat clipping)
+  or ``<= C_g`` in every parameter group ``g`` (per-layer clipping);
+* an example whose gradient contains NaN or Inf contributes exactly zero and is
+  counted in ``ClippedGradient.num_nonfinite``;
+* an example with ``mask == False`` (padding) contributes exactly zero.
+
+The loss function is the one you already train with: ``loss_fn(params, batch,
+*args)`` returns the *mean* (or sum) loss over the leading axis of ``batch``.
+dpjax calls it on batches of one example, under ``jax.vmap``, so models that
+expect a batch axis (every Flax layer does) work unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from dpjax import validation
+
+PyTree = Any
+
+
+@struct.dataclass
+class ClippedGradient:
+    """The clipped per-example gradient sum and what the noise step must know.
+
+    Attributes:
+      sensitivity: L2 sensitivity of ``sum`` under adding or removing one
+        example: ``C`` for flat clipping, ``sqrt(sum_g C_g**2)`` for per-layer
+        clipping. Static (not traced), so a mismatch is caught when tracing.
+      sum: pytree like ``params`` (float32 or wider): ``sum_i clip(grad_i)``.
+        Not divided by anything; :func:`dpjax.privatize` divides by the public
+        expected batch size after adding noise.
+      num_examples: realised number of unmasked examples. **Not private**: use
+        it for diagnostics only, never to normalise the update.
+      num_nonfinite: unmasked examples whose gradient had NaN/Inf and were
+        therefore dropped from the sum. **Not private**.
+      per_example_loss: ``(batch,)`` losses, only with ``return_per_example``.
+        **Not private**.
+      per_example_norm: ``(batch,)`` global L2 norms before clipping, only with
+        ``return_per_example``. **Not private**.
+    """
+
+    sensitivity: float = struct.field(pytree_node=False)
+    sum: PyTree
+    num_examples: jax.Array
+    num_nonfinite: jax.Array
+    per_example_loss: Optional[jax.Array] = None
+    per_example_norm: Optional[jax.Array] = None
+
+
+def _batch_size(batch: PyTree) -> int:
+    """The common leading dimension of every leaf, or a clear error."""
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    if not leaves:
+        raise ValueError("batch has no array leaves; pass the examples as a pytree of arrays")
+    sizes = {}
+    for path, leaf in leaves:
+        shape = jnp.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"batch leaf {jax.tree_util.keystr(path)} is a scalar; every batch leaf needs "
+                "a leading batch axis (pass per-call constants through *args instead)"
+            )
+        sizes[jax.tree_util.keystr(path)] = shape[0]
+    if len(set(sizes.values())) != 1:
+        raise ValueError(
+            "batch leaves have mismatched batch axes (leading dimensions): "
+            + ", ".join(f"{k or 'batch'}={v}" for k, v in sizes.items())
+        )
+    return next(iter(sizes.values()))
+
+
+def _check_clip_norms(l2_clip_norm, per_layer_clip_norms):
+    if (l2_clip_norm is None) == (per_layer_clip_norms is None):
+        raise ValueError(
+            "pass exactly one of l2_clip_norm (flat clipping) or per_layer_clip_norms "
+            "(a clip norm per parameter group)"
+        )
+    if l2_clip_norm is not None:
+        return validation.check_positive("l2_clip_norm", l2_clip_norm)
+    leaves = jax.tree_util.tree_leaves_with_path(per_layer_clip_norms)
+    if not leaves:
+        raise ValueError("per_layer_clip_norms is empty")
+    squares = 0.0
+    for path, c in leaves:
+        c = validation.check_positive(f"per_layer_clip_norms{jax.tree_util.keystr(path)}", c)
+        squares += c * c
+    return math.sqrt(squares)
+
+
+def even_layer_clip_norms(params: PyTree, l2_clip_norm: float) -> PyTree:
+    """Split a total clip norm evenly over the leaves of ``params``.
+
+    Each of the ``L`` leaves gets ``C / sqrt(L)``, so the total sensitivity stays
+    ``C``. Use the result as ``per_layer_clip_norms``.
+
+    >>> import jax.numpy as jnp
+    >>> even_layer_clip_norms({"w": jnp.zeros(3), "b": jnp.zeros(1)}, 2.0)
+    {'b': 1.414..., 'w': 1.414...}
+    """
+    c = validation.check_positive("l2_clip_norm", l2_clip_norm)
+    n = len(jax.tree_util.tree_leaves(params))
+    if n == 0:
+        raise ValueError("params has no leaves")
+    return jax.tree_util.tree_map(lambda _: c / math.sqrt(n), params)
+
+
+def _squared_norms(tree: PyTree) -> jax.Array:
+    """Per-example squared L2 norm over all leaves of a (batch, ...) pytree."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return sum(
+        jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1) for x in leaves
+    )
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    out = None
+    for x in leaves:
+        f = jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
+        out = f if out is None else out & f
+    return out
+
+
+def _weighted_sum(weights: jax.Array, grads: PyTree, finite: jax.Array) -> PyTree:
+    """sum_i weights[i] * grads[i]; rows that are not finite are replaced by 0 first.
+
+    ``jnp.where`` (not multiplication) removes non-finite rows, since 0 * NaN = NaN.
+    """
+
+    def one(g):
+        acc_dtype = jnp.promote_types(g.dtype, jnp.float32)
+        keep = finite.reshape((-1,) + (1,) * (g.ndim - 1))
+        g = jnp.where(keep, g, 0).astype(acc_dtype)
+        return jnp.tensordot(weights.astype(acc_dtype), g, axes=1)
+
+    return jax.tree_util.tree_map(one, grads)
+
+
+def clipped_grad(
+    loss_fn: Callable[..., jax.Array],
+    *,
+    l2_clip_norm: Optional[float] = None,
+    per_layer_clip_norms: Optional[PyTree] = None,
+    microbatch_size: Optional[int] = None,
+    return_per_example: bool = False,
+) -> Callable[..., ClippedGradient]:
+    """Like ``jax.grad``, but returns the sum of per-example clipped gradients.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, *args) -> scalar``, the batch loss you
+        train with (mean over the leading axis of every leaf of ``batch``).
+        It is called on one example at a time (a batch of size 1).
+      l2_clip_norm: flat clipping: each example's whole gradient is scaled to
+        L2 norm ``<= l2_clip_norm``.
+      per_layer_clip_norms: per-layer clipping instead: a pytree that is a
+        *prefix* of ``params`` whose leaves are clip norms; every parameter
+        group (subtree) under a leaf is clipped to that norm separately. The
+        sum's sensitivity is ``sqrt(sum_g C_g**2)``. See
+        :func:`even_layer_clip_norms`.
+      microbatch_size: process the batch in chunks of this many examples with
+        ``lax.scan`` to bound memory (the batch is padded with masked examples
+        to a multiple of it). Same result as unchunked up to float summation
+        order.
+      return_per_example: also return per-example losses and pre-clip norms
+        (diagnostics; **not private**).
+
+    Returns:
+      ``grad_fn(params, batch, *args, mask=None) -> ClippedGradient``. ``mask``
+      is a boolean ``(batch,)`` vector, ``True`` for real examples; masked
+      examples contribute exactly zero. ``grad_fn`` can be ``jax.jit``-ed.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp, dpjax
+    >>> def loss(w, batch):
+    ...     return jnp.mean((batch["x"] @ w - batch["y"]) ** 2)
+    >>> grad_fn = dpjax.clipped_grad(loss, l2_clip_norm=1.0)
+    >>> batch = {"x": jnp.ones((4, 3)), "y": jnp.zeros(4)}
+    >>> g = jax.jit(grad_fn)(jnp.ones(3), batch)
+    >>> g.sensitivity, g.sum.shape
+    (1.0, (3,))
+    >>> float(jnp.linalg.norm(g.sum)) <= 4 * 1.0 + 1e-5   # 4 examples, each <= C
+    True
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
+    sensitivity = _check_clip_norms(l2_clip_norm, per_layer_clip_norms)
+    if microbatch_size is not None:
+        microbatch_size = validation.check_positive_int("microbatch_size", microbatch_size)
+    flat = per_layer_clip_norms is None
+
+    def single_example_loss(params, example, *args):
+        one = jax.tree_util.tree_map(lambda x: jnp.expand_dims(x, 0), example)
+        loss = loss_fn(params, one, *args)
+        if jnp.shape(loss) != ():
+            raise TypeError(
+                "loss_fn must return a scalar (the mean loss over the batch); "
+                f"got shape {jnp.shape(loss)}"
+            )
+        return loss
+
+    def clip_chunk(params, chunk, chunk_mask, args):
+        in_axes = (None, 0) + (None,) * len(args)
+        losses, grads = jax.vmap(jax.value_and_grad(single_example_loss), in_axes=in_axes)(
+            params, chunk, *args
+        )
+        finite = _all_finite(grads)
+        if flat:
+            norms = jnp.sqrt(_squared_norms(grads))
+            finite = finite & jnp.isfinite(norms)
+            # min(1, C / norm); C / max(norm, C) is 1 for norm == 0 without dividing by 0.
+            factor = jnp.where(finite & chunk_mask, l2_clip_norm / jnp.maximum(norms, l2_clip_norm), 0.0)
+            summed = _weighted_sum(factor, grads, finite)
+        else:
+            try:
+                group_sq = jax.tree_util.tree_map(
+                    lambda c, sub: _squared_norms(sub), per_layer_clip_norms, grads
+                )
+            except ValueError as e:
+                raise ValueError(
+                    "per_layer_clip_norms must be a prefix of the params pytree "
+                    f"(same keys at the top levels): {e}"
+                ) from None
+            sq_leaves = jax.tree_util.tree_leaves(group_sq)
+            norms = jnp.sqrt(sum(sq_leaves))
+            for s in sq_leaves:
+                finite = finite & jnp.isfinite(s)
+
+            def clip_group(c, sq, sub):
+                norm = jnp.sqrt(sq)
+                f = jnp.where(finite & chunk_mask, c / jnp.maximum(norm, c), 0.0)
+                return _weighted_sum(f, sub, finite)
+
+            summed = jax.tree_util.tree_map(clip_group, per_layer_clip_norms, group_sq, grads)
+        counts = (
+            jnp.sum(chunk_mask.astype(jnp.int32)),
+            jnp.sum((chunk_mask & ~finite).astype(jnp.int32)),
+        )
+        return summed, counts, losses, norms
+
+    def grad_fn(params, batch, *args, mask=None) -> ClippedGradient:
+        b = _batch_size(batch)
+        if mask is None:
+            mask = jnp.ones((b,), dtype=bool)
+        else:
+            mask = jnp.asarray(mask)
+            if mask.shape != (b,):
+                raise ValueError(f"mask must have shape (batch,) = ({b},), got {mask.shape}")
+            mask = mask.astype(bool)
+
+        if microbatch_size is None or microbatch_size >= b:
+            summed, (n, bad), losses, norms = clip_chunk(params, batch, mask, args)
+        else:
+            n_chunks = -(-b // microbatch_size)
+            pad = n_chunks * microbatch_size - b
+
+            def chunked(x):
+                # Pad by repeating the first example (masked out below) so the
+                # padding is always a valid model input.
+                x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x
+                return x.reshape((n_chunks, microbatch_size) + x.shape[1:])
+
+            chunks = jax.tree_util.tree_map(chunked, batch)
+            chunk_masks = chunked(mask)
+            if pad:
+                chunk_masks = chunk_masks.at[-1, microbatch_size - pad :].set(False)
+
+            zero_sum = jax.tree_util.tree_map(
+                lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(p.dtype, jnp.float32)), params
+            )
+            zero_counts = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+            def body(carry, xs):
+                acc, counts = carry
+                chunk, chunk_mask = xs
+                s, c, losses, norms = clip_chunk(params, chunk, chunk_mask, args)
+                acc = jax.tree_util.tree_map(jnp.add, acc, s)
+                counts = (counts[0] + c[0], counts[1] + c[1])
+                return (acc, counts), (losses, norms)
+
+            (summed, (n, bad)), (losses, norms) = jax.lax.scan(
+                body, (zero_sum, zero_counts), (chunks, chunk_masks)
+            )
+            losses = losses.reshape(-1)[:b]
+            norms = norms.reshape(-1)[:b]
+
+        return ClippedGradient(
+            sensitivity=sensitivity,
+            sum=summed,
+            num_examples=n,
+            num_nonfinite=bad,
+            per_example_loss=losses if return_per_example else None,
+            per_example_norm=norms if return_per_example else None,
+        )
+
+    return grad_fn
