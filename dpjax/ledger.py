@@ -1,0 +1,151 @@
+"""The privacy ledger: what has been spent, stored inside the optimizer state.
+
+:func:`dpjax.privatize` keeps a :class:`PrivacyLedger` in its state and updates
+it inside ``jit`` on every noisy step (complete mediation: no call the user
+can forget). Because it is part of the optimizer state it is saved with every
+checkpoint and restored with it (compromise recording).
+
+The functions here read a ledger out of any optimizer state, however deeply
+``privatize`` is nested in ``optax.chain`` and friends, and hand it to
+:mod:`dpjax.accounting`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from dpjax import accounting
+
+SAMPLING_CODES = {accounting.POISSON: 0, accounting.FIXED_SIZE: 1}
+_SAMPLING_NAMES = {v: k for k, v in SAMPLING_CODES.items()}
+
+
+class PrivacyLedger(NamedTuple):
+    """Arrays that describe every noisy step taken so far.
+
+    Attributes:
+      steps: int32, number of noisy updates applied.
+      noise_multiplier: float32 σ (rounded *down* from the requested value, so
+        accounting with it never understates ε). The noise step uses this very
+        value, so the ledger always describes the noise actually added.
+      sampling_rate: float32 q (rounded *up*, for the same reason).
+      dataset_size: int32 N (0 when unknown; needed for fixed-size sampling).
+      sampling: int32 code of the sampling scheme (0 Poisson, 1 fixed size).
+      max_steps: int32, noisy steps allowed by the budget (-1: no budget).
+      refused_steps: int32, steps refused because the budget was spent.
+    """
+
+    steps: jax.Array
+    noise_multiplier: jax.Array
+    sampling_rate: jax.Array
+    dataset_size: jax.Array
+    sampling: jax.Array
+    max_steps: jax.Array
+    refused_steps: jax.Array
+
+
+def _round_f32(value: float, direction: float) -> np.float32:
+    v = np.float32(value)
+    if (direction > 0 and v < value) or (direction < 0 and v > value):
+        v = np.nextafter(v, np.float32(direction * np.inf))
+    return np.float32(v)
+
+
+def new_ledger(*, noise_multiplier, sampling_rate, dataset_size, sampling, max_steps) -> PrivacyLedger:
+    """A ledger with zero steps (host-side, plain numpy arrays)."""
+    return PrivacyLedger(
+        steps=np.zeros((), np.int32),
+        noise_multiplier=_round_f32(noise_multiplier, -1.0),
+        sampling_rate=_round_f32(sampling_rate, +1.0),
+        dataset_size=np.asarray(dataset_size or 0, np.int32),
+        sampling=np.asarray(SAMPLING_CODES[sampling], np.int32),
+        max_steps=np.asarray(-1 if max_steps is None else max_steps, np.int32),
+        refused_steps=np.zeros((), np.int32),
+    )
+
+
+def find_ledger(opt_state: Any) -> PrivacyLedger:
+    """The single :class:`PrivacyLedger` inside an optimizer state.
+
+    Raises:
+      ValueError: if there is none (the optimizer is not private) or more than
+        one (``privatize`` applied twice, which dpjax cannot account).
+    """
+    found = [
+        leaf
+        for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, PrivacyLedger))
+        if isinstance(leaf, PrivacyLedger)
+    ]
+    if not found:
+        raise ValueError(
+            "no privacy ledger in this optimizer state: build the optimizer with "
+            "dpjax.privatize(...) (or dpjax.dp_sgd / dpjax.dp_adam) and pass its state"
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"found {len(found)} privacy ledgers in this optimizer state; apply dpjax.privatize "
+            "exactly once so that one place adds noise and one place accounts"
+        )
+    return found[0]
+
+
+def _accounting_kwargs(ledger: PrivacyLedger) -> dict:
+    sampling = _SAMPLING_NAMES[int(ledger.sampling)]
+    q = float(ledger.sampling_rate)
+    n = int(ledger.dataset_size)
+    kwargs = dict(
+        noise_multiplier=float(ledger.noise_multiplier),
+        steps=int(ledger.steps),
+        sampling_rate=q,
+        sampling=sampling,
+    )
+    if sampling == accounting.FIXED_SIZE:
+        # Fixed-size sampling is described by (N, B); q = B / N exactly.
+        del kwargs["sampling_rate"]
+        kwargs.update(dataset_size=n, batch_size=int(round(q * n)))
+    return kwargs
+
+
+def steps_taken(opt_state: Any) -> int:
+    """Number of noisy updates recorded in ``opt_state``."""
+    return int(find_ledger(opt_state).steps)
+
+
+def epsilon(opt_state: Any, delta: float, *, accountant: str = "rdp") -> float:
+    """ε spent so far by the private optimizer whose state is ``opt_state``.
+
+    >>> import jax.numpy as jnp, dpjax
+    >>> tx = dpjax.dp_sgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.1,
+    ...                   expected_batch_size=256, num_examples=60_000, seed=0)
+    >>> state = tx.init({"w": jnp.zeros(3)})
+    >>> dpjax.epsilon(state, delta=1e-5)   # nothing spent yet
+    0.0
+    """
+    return accounting.epsilon(delta=delta, accountant=accountant, **_accounting_kwargs(find_ledger(opt_state)))
+
+
+def privacy_statement(opt_state: Any, delta: float, *, l2_clip_norm: float | None = None) -> str:
+    """A human-readable report of what ``opt_state``'s ledger has spent."""
+    kwargs = _accounting_kwargs(find_ledger(opt_state))
+    return accounting.privacy_statement(delta=delta, l2_clip_norm=l2_clip_norm, **kwargs)
+
+
+def check_budget(opt_state: Any) -> None:
+    """Raise :class:`dpjax.accounting.PrivacyBudgetExceeded` if the budget is spent.
+
+    Under ``jit`` a step past the budget cannot raise; ``privatize`` then
+    returns zero updates, leaves the ledger's step count unchanged and counts
+    the refusal. Call this between steps of a jitted loop to stop it.
+    """
+    ledger = find_ledger(opt_state)
+    max_steps, steps, refused = int(ledger.max_steps), int(ledger.steps), int(ledger.refused_steps)
+    if refused > 0 or (max_steps >= 0 and steps >= max_steps):
+        raise accounting.PrivacyBudgetExceeded(
+            f"privacy budget spent: {steps} of {max_steps} allowed noisy steps taken"
+            + (f", {refused} further step(s) refused" if refused else "")
+            + ". Stop training, or start a new budget with a larger target_epsilon "
+            "(which weakens the guarantee)."
+        )
