@@ -1,0 +1,267 @@
+"""The ``dpjax`` command line.
+
+Usage: ``dpjax <command> [options]`` (or ``python -m dpjax ...``).  Run
+``dpjax --help`` for the list of commands and ``dpjax <command> --help`` for
+each command's options.
+
+Adding a subcommand: write two functions in your own module,
+``add_arguments(parser: argparse.ArgumentParser) -> None`` and
+``run(args: argparse.Namespace) -> int``, and list them in :data:`COMMANDS`
+as a :class:`Command` (or call :func:`register_command`).  ``run`` may raise
+``ValueError`` / ``TypeError`` for bad input: :func:`main` prints
+``error: <message>`` on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import textwrap
+from typing import Callable, List, Optional, Sequence
+
+__all__ = ["Command", "COMMANDS", "register_command", "build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+_EPS_DELTA_LINE = (
+    "(epsilon, delta) in one line: changing any one training example changes "
+    "the probability of any training outcome by at most a factor exp(epsilon), "
+    "up to a small slack delta (roughly the chance that the bound fails); "
+    "smaller is more private, and delta should be well below 1 / dataset size."
+)
+
+
+def _wrap(*paragraphs: str) -> str:
+    return "\n\n".join(textwrap.fill(p, width=78) for p in paragraphs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One ``dpjax <name>`` subcommand."""
+
+    name: str
+    help: str  # one line, shown in ``dpjax --help``
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str = ""
+    epilog: str = ""
+
+
+# --------------------------------------------------------------------------
+# Shared options
+# --------------------------------------------------------------------------
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser, *, noise: bool) -> None:
+    group = parser.add_argument_group("training setting")
+    group.add_argument(
+        "--dataset-size", type=int, required=True, metavar="N",
+        help="number of training examples N")
+    group.add_argument(
+        "--batch-size", type=int, required=True, metavar="B",
+        help="(expected) batch size B; the sampling rate is q = B / N")
+    if noise:
+        group.add_argument(
+            "--noise-multiplier", type=float, required=True, metavar="SIGMA",
+            help="noise multiplier sigma: the Gaussian noise added to the sum of "
+                 "clipped per-example gradients has std sigma * C (C = clipping norm)")
+    length = group.add_mutually_exclusive_group(required=True)
+    length.add_argument(
+        "--epochs", type=float, metavar="E",
+        help="training length in epochs; steps = ceil(E * N / B), TensorFlow "
+             "Privacy's convention")
+    length.add_argument(
+        "--steps", type=int, metavar="T",
+        help="training length in noisy steps (instead of --epochs)")
+    group.add_argument(
+        "--delta", type=float, required=True,
+        help="delta, the probability that the epsilon bound may fail; in (0, 1), "
+             "typically 1e-5 or below 1 / N")
+    acct = parser.add_argument_group("accounting")
+    acct.add_argument(
+        "--accountant", choices=["rdp", "pld"], default="rdp",
+        help="rdp: Renyi DP, fast (default); pld: privacy loss distributions, "
+             "tighter and slower")
+    acct.add_argument(
+        "--sampling", choices=["poisson", "fixed_size"], default="poisson",
+        help="poisson: each example joins each batch independently with "
+             "probability q (default, what dpjax's PoissonSampler does); "
+             "fixed_size: each step uses an independent uniformly random subset "
+             "of exactly B examples (rdp only). Shuffled epochs are not supported.")
+
+
+def _steps(args: argparse.Namespace) -> int:
+    """Steps from --steps, or ceil(epochs * N / B) (TF Privacy's convention)."""
+    if args.steps is not None:
+        return args.steps
+    epochs = args.epochs
+    if not math.isfinite(epochs) or epochs <= 0:
+        raise ValueError(f"--epochs must be a finite number > 0, got {epochs!r}")
+    if args.dataset_size <= 0 or args.batch_size <= 0:
+        return 0  # the accounting module reports the real error
+    return math.ceil(epochs * args.dataset_size / args.batch_size)
+
+
+def _format_up(x: float, significant: int = 4) -> str:
+    from dpjax.accounting import _round_up
+    return _round_up(x, significant)
+
+
+def _setting_line(args: argparse.Namespace, steps: int) -> str:
+    q = args.batch_size / args.dataset_size
+    how = (f"--steps {steps}" if args.steps is not None else
+           f"ceil({args.epochs:g} epochs * {args.dataset_size} / {args.batch_size})")
+    return (f"q = {args.batch_size}/{args.dataset_size} = {q:.6g}, "
+            f"steps = {steps} ({how}), sampling = {args.sampling}, "
+            f"accountant = {args.accountant}")
+
+
+# --------------------------------------------------------------------------
+# dpjax epsilon
+# --------------------------------------------------------------------------
+
+
+def _epsilon_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_training_arguments(parser, noise=True)
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--statement", action="store_true",
+        help="also print a privacy statement (mechanism, neighbouring relation, "
+             "epsilon under RDP and PLD, dp-accounting version)")
+    out.add_argument(
+        "--l2-clip-norm", type=float, metavar="C", default=None,
+        help="clipping norm C, only shown in the --statement")
+
+
+def _epsilon_run(args: argparse.Namespace) -> int:
+    from dpjax import accounting
+
+    steps = _steps(args)
+    eps = accounting.epsilon(
+        noise_multiplier=args.noise_multiplier, steps=steps, delta=args.delta,
+        accountant=args.accountant, sampling=args.sampling,
+        dataset_size=args.dataset_size, batch_size=args.batch_size)
+    print(f"epsilon = {_format_up(eps)} (delta = {args.delta:g}, "
+          f"noise multiplier = {args.noise_multiplier:g})")
+    print(_setting_line(args, steps))
+    if args.statement:
+        print()
+        print(accounting.privacy_statement(
+            noise_multiplier=args.noise_multiplier, steps=steps, delta=args.delta,
+            l2_clip_norm=args.l2_clip_norm, sampling=args.sampling,
+            dataset_size=args.dataset_size, batch_size=args.batch_size))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# dpjax calibrate
+# --------------------------------------------------------------------------
+
+
+def _calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target-epsilon", type=float, required=True, metavar="EPS",
+        help="the epsilon the whole training run may spend (> 0)")
+    _add_training_arguments(parser, noise=False)
+
+
+def _calibrate_run(args: argparse.Namespace) -> int:
+    from dpjax import accounting
+
+    steps = _steps(args)
+    sigma = accounting.calibrate_noise_multiplier(
+        target_epsilon=args.target_epsilon, delta=args.delta, steps=steps,
+        accountant=args.accountant, sampling=args.sampling,
+        dataset_size=args.dataset_size, batch_size=args.batch_size)
+    print(f"noise multiplier = {_format_up(sigma, 5)} (smallest sigma with "
+          f"epsilon <= {args.target_epsilon:g} at delta = {args.delta:g})")
+    print(_setting_line(args, steps))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# Registry and parser
+# --------------------------------------------------------------------------
+
+_EXAMPLE_EPSILON = (
+    "example (the TensorFlow Privacy MNIST tutorial):\n"
+    "  dpjax epsilon --dataset-size 60000 --batch-size 256 \\\n"
+    "      --noise-multiplier 1.1 --epochs 60 --delta 1e-5\n"
+    "  -> epsilon = 2.597 with the RDP accountant (add --accountant pld for 2.382)"
+)
+_EXAMPLE_CALIBRATE = (
+    "example:\n"
+    "  dpjax calibrate --target-epsilon 3 --dataset-size 60000 \\\n"
+    "      --batch-size 256 --epochs 60 --delta 1e-5\n"
+    "  -> the smallest noise multiplier that keeps epsilon <= 3 (about 1.014)"
+)
+
+COMMANDS: List[Command] = [
+    Command(
+        name="epsilon",
+        help="privacy spent (epsilon) by a DP-SGD training run",
+        add_arguments=_epsilon_arguments,
+        run=_epsilon_run,
+        description=_wrap("Compute the epsilon spent by DP-SGD training.",
+                          _EPS_DELTA_LINE),
+        epilog=_EXAMPLE_EPSILON,
+    ),
+    Command(
+        name="calibrate",
+        help="smallest noise multiplier that meets a target epsilon",
+        add_arguments=_calibrate_arguments,
+        run=_calibrate_run,
+        description=_wrap("Find the smallest noise multiplier sigma for which "
+                          "DP-SGD training stays within a target epsilon.",
+                          _EPS_DELTA_LINE),
+        epilog=_EXAMPLE_CALIBRATE,
+    ),
+]
+
+
+def register_command(command: Command) -> None:
+    """Adds (or replaces, by name) a subcommand."""
+    COMMANDS[:] = [c for c in COMMANDS if c.name != command.name] + [command]
+
+
+def build_parser(commands: Optional[Sequence[Command]] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpjax",
+        description=_wrap("dpjax: differentially private training for JAX.",
+                          _EPS_DELTA_LINE),
+        epilog="Run 'dpjax <command> --help' for a command's options.\n\n"
+               + _EXAMPLE_EPSILON,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for command in COMMANDS if commands is None else commands:
+        p = sub.add_parser(
+            command.name, help=command.help,
+            description=command.description or _wrap(command.help),
+            epilog=command.epilog or None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(p)
+        p.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``dpjax``; returns the exit status (0 ok, 2 bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or an argparse usage error (2)
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else EXIT_USAGE)
+    if getattr(args, "_run", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args._run(args))
+    except (ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
