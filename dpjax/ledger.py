@@ -47,7 +47,8 @@ class PrivacyLedger(NamedTuple):
     refused_steps: jax.Array
 
 
-def _round_f32(value: float, direction: float) -> np.float32:
+def round_to_float32(value: float, direction: float) -> np.float32:
+    """``value`` as a float32, rounded up (direction > 0) or down (< 0), never to nearest."""
     v = np.float32(value)
     if (direction > 0 and v < value) or (direction < 0 and v > value):
         v = np.nextafter(v, np.float32(direction * np.inf))
@@ -58,8 +59,8 @@ def new_ledger(*, noise_multiplier, sampling_rate, dataset_size, sampling, max_s
     """A ledger with zero steps (host-side, plain numpy arrays)."""
     return PrivacyLedger(
         steps=np.zeros((), np.int32),
-        noise_multiplier=_round_f32(noise_multiplier, -1.0),
-        sampling_rate=_round_f32(sampling_rate, +1.0),
+        noise_multiplier=round_to_float32(noise_multiplier, -1.0),
+        sampling_rate=round_to_float32(sampling_rate, +1.0),
         dataset_size=np.asarray(dataset_size or 0, np.int32),
         sampling=np.asarray(SAMPLING_CODES[sampling], np.int32),
         max_steps=np.asarray(-1 if max_steps is None else max_steps, np.int32),

@@ -183,11 +183,11 @@ def privatize(
         if sampling == accounting.FIXED_SIZE:
             acct_kwargs = dict(dataset_size=n, batch_size=int(round(batch)))
         else:
-            acct_kwargs = dict(sampling_rate=float(ledger_lib._round_f32(q, +1.0)))
+            acct_kwargs = dict(sampling_rate=float(ledger_lib.round_to_float32(q, +1.0)))
         max_steps = accounting.max_steps(
             target_epsilon=target_epsilon,
             delta=target_delta,
-            noise_multiplier=float(ledger_lib._round_f32(sigma, -1.0)),
+            noise_multiplier=float(ledger_lib.round_to_float32(sigma, -1.0)),
             sampling=sampling,
             accountant=accountant,
             **acct_kwargs,
