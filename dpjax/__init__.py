@@ -37,4 +37,17 @@ __all__ = [
     "privacy_statement",
     "privatize",
     "steps_taken",
+    "fit",
+    "TrainResult",
 ]
+
+
+def __getattr__(name):
+    # The training loop pulls in orbax and tqdm; import it only when asked for.
+    import importlib
+
+    if name in ("datasets", "models", "training", "checkpointing"):
+        return importlib.import_module(f"dpjax.{name}")
+    if name in ("fit", "TrainResult"):
+        return getattr(importlib.import_module("dpjax.training"), name)
+    raise AttributeError(f"module 'dpjax' has no attribute {name!r}")
