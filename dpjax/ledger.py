@@ -49,8 +49,10 @@ class PrivacyLedger(NamedTuple):
 
 def round_to_float32(value: float, direction: float) -> np.float32:
     """``value`` as a float32, rounded up (direction > 0) or down (< 0), never to nearest."""
+    value = float(value)
     v = np.float32(value)
-    if (direction > 0 and v < value) or (direction < 0 and v > value):
+    # Compare in float64: NumPy 2 would compare a float32 with a Python float in float32.
+    if (direction > 0 and float(v) < value) or (direction < 0 and float(v) > value):
         v = np.nextafter(v, np.float32(direction * np.inf))
     return np.float32(v)
 

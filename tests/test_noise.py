@@ -298,3 +298,21 @@ def test_fixed_size_sampling_ledger_uses_replace_one_accounting():
     )
     assert dpjax.epsilon(state, 1e-5) == pytest.approx(expected, rel=1e-5)
     assert dpjax.epsilon(state, 1e-5) > dpjax.epsilon(noise_draws(make_tx(), 2, {"w": jnp.zeros(2)})[1], 1e-5)
+
+
+@pytest.mark.parametrize("value", [40.45385522465272, 1.1, 256 / 60000, 1 / 3, 2.0, 1e-7])
+def test_ledger_rounding_is_conservative(value):
+    up = dpjax.ledger.round_to_float32(value, +1.0)
+    down = dpjax.ledger.round_to_float32(value, -1.0)
+    assert up.dtype == np.float32 and down.dtype == np.float32
+    assert float(down) <= value <= float(up)
+    assert float(up) - float(down) <= 2 * np.spacing(np.float32(value))
+
+
+def test_calibrated_sigma_survives_ledger_rounding():
+    # The ledger stores sigma rounded down; fit rounds the calibrated sigma up first,
+    # so the planned number of steps stays within the budget.
+    sigma = accounting.calibrate_noise_multiplier(target_epsilon=1.0, delta=1e-5, sampling_rate=1.0, steps=100)
+    stored = float(dpjax.ledger.round_to_float32(float(dpjax.ledger.round_to_float32(sigma, +1.0)), -1.0))
+    assert stored >= sigma
+    assert accounting.max_steps(target_epsilon=1.0, delta=1e-5, noise_multiplier=stored, sampling_rate=1.0) >= 100
