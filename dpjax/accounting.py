@@ -873,6 +873,9 @@ def _round_up(x: float, significant: int = 4) -> str:
     return f"{math.ceil(x * factor) / factor:.{max(0, decimals)}f}"
 
 
+_PLD_STATEMENT_MAX_EPSILON = 100.0
+
+
 def privacy_statement(*, noise_multiplier, steps, delta, sampling_rate=None,
                       l2_clip_norm=None, sampling=POISSON, dataset_size=None,
                       batch_size=None) -> str:
@@ -935,7 +938,12 @@ def privacy_statement(*, noise_multiplier, steps, delta, sampling_rate=None,
         rdp_line += (" (some RDP orders failed to converge and were dropped; "
                      "valid but possibly loose)")
     lines.append(rdp_line)
-    if setting.sampling == POISSON:
+    if setting.sampling == POISSON and rdp_eps > _PLD_STATEMENT_MAX_EPSILON:
+        # PLD's grid grows with the privacy loss; at such ε it would need huge
+        # memory and says nothing useful.
+        lines.append(f"epsilon (PLD accountant): not computed (RDP epsilon above "
+                     f"{_PLD_STATEMENT_MAX_EPSILON:g}: no meaningful guarantee)")
+    elif setting.sampling == POISSON:
         pld_eps, _ = _value(setting.with_accountant(PLD), steps, "epsilon", delta_)
         lines.append(f"epsilon (PLD accountant): {_round_up(pld_eps)}")
     else:
