@@ -24,13 +24,14 @@ expect a batch axis (every Flax layer does) work unchanged.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dpjax import validation
+from dpjax import fast_clipping, validation
 
 PyTree = Any
 
@@ -121,36 +122,47 @@ def even_layer_clip_norms(params: PyTree, l2_clip_norm: float) -> PyTree:
     return jax.tree_util.tree_map(lambda _: c / math.sqrt(n), params)
 
 
-def _squared_norms(tree: PyTree) -> jax.Array:
-    """Per-example squared L2 norm over all leaves of a (batch, ...) pytree."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    return sum(
-        jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1) for x in leaves
-    )
+def _vmap_engine(single_example_loss, params, chunk, args):
+    """Per-example gradients with ``jax.vmap`` (works for any differentiable model).
 
-
-def _all_finite(tree: PyTree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    out = None
-    for x in leaves:
-        f = jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
-        out = f if out is None else out & f
-    return out
-
-
-def _weighted_sum(weights: jax.Array, grads: PyTree, finite: jax.Array) -> PyTree:
-    """sum_i weights[i] * grads[i]; rows that are not finite are replaced by 0 first.
-
-    ``jnp.where`` (not multiplication) removes non-finite rows, since 0 * NaN = NaN.
+    Returns per-example losses, per-leaf squared norms (a list of ``(B,)``
+    float32 arrays) and ``weighted_sum(factors, keep)``, which returns the
+    list of ``sum_i factors[leaf][i] * grad_i[leaf]``; rows where ``keep`` is
+    False are replaced by 0 first (``jnp.where``: 0 * NaN would be NaN).
     """
+    in_axes = (None, 0) + (None,) * len(args)
+    losses, grads = jax.vmap(jax.value_and_grad(single_example_loss), in_axes=in_axes)(params, chunk, *args)
+    leaves = jax.tree_util.tree_leaves(grads)
+    sq = [jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1) for g in leaves]
 
-    def one(g):
-        acc_dtype = jnp.promote_types(g.dtype, jnp.float32)
-        keep = finite.reshape((-1,) + (1,) * (g.ndim - 1))
-        g = jnp.where(keep, g, 0).astype(acc_dtype)
-        return jnp.tensordot(weights.astype(acc_dtype), g, axes=1)
+    def weighted_sum(factors, keep):
+        out = []
+        for f, g in zip(factors, leaves):
+            acc_dtype = jnp.promote_types(g.dtype, jnp.float32)
+            g = jnp.where(keep.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0).astype(acc_dtype)
+            out.append(jnp.tensordot(f.astype(acc_dtype), g, axes=1))
+        return out
 
-    return jax.tree_util.tree_map(one, grads)
+    return losses, sq, weighted_sum
+
+
+def _leaf_groups(per_layer_clip_norms, params):
+    """(group index of every params leaf, clip norm of every group)."""
+    norms, prefix_def = jax.tree_util.tree_flatten(per_layer_clip_norms)
+    indexed = jax.tree_util.tree_unflatten(prefix_def, list(range(len(norms))))
+    try:
+        per_leaf = jax.tree_util.tree_map(
+            lambda idx, sub: jax.tree_util.tree_map(lambda _: idx, sub), indexed, params
+        )
+    except ValueError as e:
+        raise ValueError(
+            "per_layer_clip_norms must be a prefix of the params pytree "
+            f"(same keys at the top levels): {e}"
+        ) from None
+    return jax.tree_util.tree_leaves(per_leaf), [float(c) for c in norms]
+
+
+METHODS = ("auto", "vmap", "fast")
 
 
 def clipped_grad(
@@ -160,6 +172,7 @@ def clipped_grad(
     per_layer_clip_norms: Optional[PyTree] = None,
     microbatch_size: Optional[int] = None,
     return_per_example: bool = False,
+    method: str = "auto",
 ) -> Callable[..., ClippedGradient]:
     """Like ``jax.grad``, but returns the sum of per-example clipped gradients.
 
@@ -180,6 +193,11 @@ def clipped_grad(
         order.
       return_per_example: also return per-example losses and pre-clip norms
         (diagnostics; **not private**).
+      method: ``"auto"`` (default: ``"fast"``, or ``"vmap"`` with a warning
+        if the fast engine cannot trace the model), ``"vmap"`` (per-example
+        gradients with ``jax.vmap``; any model) or ``"fast"`` (ghost norms and book-keeping from layer activations and
+        output gradients, see :mod:`dpjax.fast_clipping`; exact, with a
+        per-parameter vmap fallback for what it cannot match).
 
     Returns:
       ``grad_fn(params, batch, *args, mask=None) -> ClippedGradient``. ``mask``
@@ -202,6 +220,7 @@ def clipped_grad(
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
     sensitivity = _check_clip_norms(l2_clip_norm, per_layer_clip_norms)
+    validation.check_choice("method", method, set(METHODS))
     if microbatch_size is not None:
         microbatch_size = validation.check_positive_int("microbatch_size", microbatch_size)
     flat = per_layer_clip_norms is None
@@ -217,38 +236,37 @@ def clipped_grad(
         return loss
 
     def clip_chunk(params, chunk, chunk_mask, args):
-        in_axes = (None, 0) + (None,) * len(args)
-        losses, grads = jax.vmap(jax.value_and_grad(single_example_loss), in_axes=in_axes)(
-            params, chunk, *args
-        )
-        finite = _all_finite(grads)
-        if flat:
-            norms = jnp.sqrt(_squared_norms(grads))
-            finite = finite & jnp.isfinite(norms)
-            # min(1, C / norm); C / max(norm, C) is 1 for norm == 0 without dividing by 0.
-            factor = jnp.where(finite & chunk_mask, l2_clip_norm / jnp.maximum(norms, l2_clip_norm), 0.0)
-            summed = _weighted_sum(factor, grads, finite)
-        else:
+        if method == "vmap":
+            losses, sq, weighted_sum = _vmap_engine(single_example_loss, params, chunk, args)
+        elif method == "fast":
+            losses, sq, weighted_sum, _ = fast_clipping.fast_engine(single_example_loss, params, chunk, args)
+        else:  # auto: the fast engine, or vmap if the model defeats the jaxpr walker
             try:
-                group_sq = jax.tree_util.tree_map(
-                    lambda c, sub: _squared_norms(sub), per_layer_clip_norms, grads
-                )
-            except ValueError as e:
-                raise ValueError(
-                    "per_layer_clip_norms must be a prefix of the params pytree "
-                    f"(same keys at the top levels): {e}"
-                ) from None
-            sq_leaves = jax.tree_util.tree_leaves(group_sq)
-            norms = jnp.sqrt(sum(sq_leaves))
-            for s in sq_leaves:
-                finite = finite & jnp.isfinite(s)
-
-            def clip_group(c, sq, sub):
-                norm = jnp.sqrt(sq)
-                f = jnp.where(finite & chunk_mask, c / jnp.maximum(norm, c), 0.0)
-                return _weighted_sum(f, sub, finite)
-
-            summed = jax.tree_util.tree_map(clip_group, per_layer_clip_norms, group_sq, grads)
+                losses, sq, weighted_sum, _ = fast_clipping.fast_engine(single_example_loss, params, chunk, args)
+            except Exception as e:  # noqa: BLE001 - any tracing failure: use the always-correct path
+                warnings.warn(f"dpjax fast clipping could not handle this model ({type(e).__name__}: {e}); "
+                              "using per-example gradients (method='vmap')", stacklevel=2)
+                losses, sq, weighted_sum = _vmap_engine(single_example_loss, params, chunk, args)
+        finite = jnp.all(jnp.stack([jnp.isfinite(s) for s in sq]), axis=0)
+        norms = jnp.sqrt(sum(sq))
+        finite = finite & jnp.isfinite(norms)
+        live = finite & chunk_mask
+        if flat:
+            # min(1, C / norm); C / max(norm, C) is 1 for norm == 0 without dividing by 0.
+            factor = jnp.where(live, l2_clip_norm / jnp.maximum(norms, l2_clip_norm), 0.0)
+            factors = [factor] * len(sq)
+        else:
+            group_of_leaf, group_clip = _leaf_groups(per_layer_clip_norms, params)
+            group_sq = [0.0] * len(group_clip)
+            for g, s in zip(group_of_leaf, sq):
+                group_sq[g] = group_sq[g] + s
+            group_factor = [
+                jnp.where(live, c / jnp.maximum(jnp.sqrt(gs), c), 0.0) for c, gs in zip(group_clip, group_sq)
+            ]
+            factors = [group_factor[g] for g in group_of_leaf]
+        summed = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(params), weighted_sum(factors, finite)
+        )
         counts = (
             jnp.sum(chunk_mask.astype(jnp.int32)),
             jnp.sum((chunk_mask & ~finite).astype(jnp.int32)),

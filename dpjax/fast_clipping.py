@@ -1,0 +1,485 @@
+"""Per-example gradient norms and the clipped sum without per-example gradients.
+
+The engine works on the jaxpr of the single-example loss, so it needs no layer
+registry and sees Flax Linen and NNX models alike (both lower to the same
+primitives):
+
+1. **Plan.** Trace ``loss(params, one_example)`` to a jaxpr and follow every
+   parameter leaf through view ops (reshape, dtype casts, transposes). A leaf
+   whose only use is the weight operand of one ``dot_general`` (Dense,
+   DenseGeneral, Einsum, attention projections) or one ungrouped
+   ``conv_general_dilated`` (Conv) is *matched*. Every other leaf (biases, norm
+   scales, embeddings, tied weights, leaves used inside custom ops or control
+   flow) is a *fallback* leaf.
+2. **One forward and one backward pass.** The jaxpr is re-evaluated per
+   example (under ``vmap``) with a zero "tap" added to each matched op's
+   output and a zero per-example offset added to each fallback leaf. One
+   ``vjp`` of the per-example losses gives, for every matched op, the output
+   gradient G_i (its input A_i is kept from the forward pass), and for every
+   fallback leaf its exact per-example gradient. No gradient with respect to
+   the matched weights is ever formed per example.
+3. **Norms.** For a matched op the per-example weight gradient is A_iᵀG_i
+   (convolutions: image patches of A_i). Its squared norm is taken with the
+   Gram ("ghost") identity ⟨A_iA_iᵀ, G_iG_iᵀ⟩ when 2T² ≤ p·d (T positions,
+   d inputs, p outputs), else by forming A_iᵀG_i for that one layer.
+4. **Book-keeping.** With clip factors c_i, the clipped sum of a matched leaf
+   is Σ_i c_i A_iᵀG_i = one contraction of A with c·G; no second backward pass.
+
+Per-example semantics are those of the vmap path by construction (the same
+single-example loss is evaluated), and the tests compare both on MLPs, CNNs,
+transformers, tied embeddings and custom ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex_core
+
+# Ops that only re-view a parameter: the gradient maps back through their inverse.
+_VIEW_OPS = ("reshape", "convert_element_type", "transpose", "squeeze", "expand_dims", "copy", "copy_p")
+_CALL_OPS = ("pjit", "jit", "closed_call", "core_call")
+
+Path = Tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Origin:
+    leaf: int
+    chain: Tuple[Tuple[str, Any, Tuple[int, ...]], ...]  # (op, params, input shape), param -> operand
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchedOp:
+    """A dot_general / conv whose weight operand is (a view of) one parameter leaf."""
+
+    path: Path
+    kind: str  # "dot", "conv" or "embed"
+    leaf: int
+    weight_operand: int  # 0 (lhs) or 1 (rhs)
+    chain: Tuple[Tuple[str, Any, Tuple[int, ...]], ...]
+    params: Dict[str, Any]
+    act_shape: Tuple[int, ...]
+    weight_shape: Tuple[int, ...]
+    out_shape: Tuple[int, ...]
+    out_dtype: Any
+
+
+@dataclasses.dataclass
+class Plan:
+    matched: Dict[Path, MatchedOp]
+    fallback: Tuple[int, ...]  # leaf indices handled by per-example gradients
+
+    def describe(self, leaf_names: Sequence[str]) -> str:
+        fast = sorted(leaf_names[m.leaf] for m in self.matched.values())
+        slow = sorted(leaf_names[i] for i in self.fallback)
+        return f"fast: {fast}; per-example (fallback): {slow}"
+
+
+def _is_var(v) -> bool:
+    return not isinstance(v, jex_core.Literal)
+
+
+def _call_jaxpr(eqn):
+    closed = eqn.params.get("jaxpr") if eqn.primitive.name in ("pjit", "jit") else eqn.params.get("call_jaxpr")
+    if closed is None:
+        return None, ()
+    if isinstance(closed, jex_core.ClosedJaxpr):
+        return closed.jaxpr, closed.consts
+    return closed, ()
+
+
+def make_plan(jaxpr, num_leaves: int) -> Plan:
+    """Find the matched ops and the fallback leaves of a single-example loss jaxpr."""
+    candidates: Dict[int, List[MatchedOp]] = {i: [] for i in range(num_leaves)}
+    other_use = set()
+
+    def walk(jx, origins: Dict[Any, _Origin], path: Path):
+        for idx, eqn in enumerate(jx.eqns):
+            key = path + (idx,)
+            ins = [origins.get(v) if _is_var(v) else None for v in eqn.invars]
+            name = eqn.primitive.name
+            if name in _CALL_OPS:
+                inner, _ = _call_jaxpr(eqn)
+                if inner is not None:
+                    inner_orig = {iv: o for iv, o in zip(inner.invars, ins) if o is not None}
+                    walk(inner, inner_orig, key)
+                    for ov, iov in zip(eqn.outvars, inner.outvars):
+                        if _is_var(iov) and iov in inner_orig:
+                            other_use.add(inner_orig[iov].leaf)  # a parameter returned as is
+                    continue
+            if name in _VIEW_OPS and ins and ins[0] is not None:
+                o = ins[0]
+                origins[eqn.outvars[0]] = _Origin(
+                    o.leaf, o.chain + ((name, dict(eqn.params), tuple(eqn.invars[0].aval.shape)),)
+                )
+                continue
+            if name == "dot_general" and sum(o is not None for o in ins) == 1:
+                w = 0 if ins[0] is not None else 1
+                (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+                if not lb and not rb:
+                    candidates[ins[w].leaf].append(_matched(key, "dot", ins[w], w, eqn))
+                    continue
+            if name == "gather" and ins[0] is not None and all(o is None for o in ins[1:]) and _is_row_lookup(eqn):
+                candidates[ins[0].leaf].append(_matched(key, "embed", ins[0], 0, eqn))
+                continue
+            if (
+                name == "conv_general_dilated"
+                and ins[1] is not None
+                and ins[0] is None
+                and eqn.params["feature_group_count"] == 1
+                and eqn.params["batch_group_count"] == 1
+            ):
+                candidates[ins[1].leaf].append(_matched(key, "conv", ins[1], 1, eqn))
+                continue
+            for o in ins:
+                if o is not None:
+                    other_use.add(o.leaf)
+
+    walk(jaxpr, {v: _Origin(i, ()) for i, v in enumerate(jaxpr.invars[:num_leaves])}, ())
+    matched = {}
+    fallback = []
+    for leaf in range(num_leaves):
+        uses = candidates[leaf]
+        if len(uses) == 1 and leaf not in other_use:
+            matched[uses[0].path] = uses[0]
+        else:
+            fallback.append(leaf)
+    return Plan(matched=matched, fallback=tuple(fallback))
+
+
+def _is_row_lookup(eqn) -> bool:
+    """``table[indices]`` on a 2-D table, as ``jnp.take(table, idx, axis=0)`` (Flax Embed) emits."""
+    table, idx = eqn.invars[0].aval, eqn.invars[1].aval
+    dn = eqn.params["dimension_numbers"]
+    return (
+        len(table.shape) == 2
+        and idx.shape[-1:] == (1,)
+        and tuple(dn.offset_dims) == (len(idx.shape) - 1,)
+        and tuple(dn.collapsed_slice_dims) == (0,)
+        and tuple(dn.start_index_map) == (0,)
+        and not tuple(getattr(dn, "operand_batching_dims", ()))
+        and tuple(eqn.params["slice_sizes"]) == (1, table.shape[1])
+    )
+
+
+def _matched(key, kind, origin, w, eqn) -> MatchedOp:
+    a = 1 - w
+    return MatchedOp(
+        path=key,
+        kind=kind,
+        leaf=origin.leaf,
+        weight_operand=w,
+        chain=origin.chain,
+        params=dict(eqn.params),
+        act_shape=tuple(eqn.invars[a].aval.shape),
+        weight_shape=tuple(eqn.invars[w].aval.shape),
+        out_shape=tuple(eqn.outvars[0].aval.shape),
+        out_dtype=eqn.outvars[0].aval.dtype,
+    )
+
+
+def interpret(jaxpr, consts, args, plan: Plan, taps: Dict[Path, jax.Array], acts: Dict[Path, jax.Array],
+              path: Path = ()):
+    """Evaluate ``jaxpr``, adding ``taps[path]`` to each matched op's output and
+    storing its activation operand in ``acts``."""
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args):
+        env[v] = x
+    for idx, eqn in enumerate(jaxpr.eqns):
+        key = path + (idx,)
+        invals = [read(v) for v in eqn.invars]
+        inner, inner_consts = (None, ()) if eqn.primitive.name not in _CALL_OPS else _call_jaxpr(eqn)
+        if inner is not None:
+            outvals = interpret(inner, inner_consts, invals, plan, taps, acts, key)
+        else:
+            bind_params = eqn.primitive.get_bind_params(eqn.params)
+            with eqn.ctx.manager:
+                out = eqn.primitive.bind(*invals, **bind_params)
+            outvals = out if eqn.primitive.multiple_results else [out]
+        m = plan.matched.get(key)
+        if m is not None:
+            acts[key] = invals[1 - m.weight_operand]
+            outvals = [outvals[0] + taps[key]]
+        for v, x in zip(eqn.outvars, outvals):
+            env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+# ---------------------------------------------------------------------------
+# Per-layer algebra on (batch, positions T, inputs d) and (batch, T, outputs p)
+# ---------------------------------------------------------------------------
+
+
+def _dot_factors(m: MatchedOp, act, g):
+    """Activation (B, T, d) and output gradient (B, T, p) of a matched dot_general,
+    and how to turn a (d, p) matrix back into the weight operand's layout."""
+    (lc, rc), _ = m.params["dimension_numbers"]
+    a_con, w_con = (rc, lc) if m.weight_operand == 0 else (lc, rc)
+    a_nd, w_nd = len(m.act_shape), len(m.weight_shape)
+    a_free = [i for i in range(a_nd) if i not in a_con]
+    w_free = [i for i in range(w_nd) if i not in w_con]
+    bsz = act.shape[0]
+    t = int(np.prod([m.act_shape[i] for i in a_free], dtype=np.int64))
+    d = int(np.prod([m.act_shape[i] for i in a_con], dtype=np.int64))
+    p = int(np.prod([m.weight_shape[i] for i in w_free], dtype=np.int64))
+    a2 = jnp.transpose(act, [0] + [i + 1 for i in a_free] + [i + 1 for i in a_con]).reshape(bsz, t, d)
+    # Output dims: lhs free then rhs free.
+    n_a, n_w = len(a_free), len(w_free)
+    if m.weight_operand == 1:
+        g2 = g.reshape(bsz, t, p)
+    else:
+        perm = [0] + [1 + n_w + i for i in range(n_a)] + [1 + i for i in range(n_w)]
+        g2 = jnp.transpose(g, perm).reshape(bsz, t, p)
+    w_shape_dp = [m.weight_shape[i] for i in w_con] + [m.weight_shape[i] for i in w_free]
+    inverse = np.argsort(list(w_con) + w_free)
+
+    def to_weight(dp):
+        return jnp.transpose(dp.reshape(w_shape_dp), inverse)
+
+    return a2, g2, to_weight
+
+
+def _conv_factors(m: MatchedOp, act, g):
+    """Image patches (B, T, C·K) and output gradient (B, T, O) of a matched conv."""
+    dn = m.params["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    spatial = [m.weight_shape[i] for i in rhs_spec[2:]]
+    bsz = act.shape[0]
+
+    def patches(a):
+        return jax.lax.conv_general_dilated_patches(
+            a,
+            filter_shape=spatial,
+            window_strides=m.params["window_strides"],
+            padding=m.params["padding"],
+            lhs_dilation=m.params["lhs_dilation"],
+            rhs_dilation=m.params["rhs_dilation"],
+            dimension_numbers=dn,
+            precision=m.params.get("precision"),
+        )
+
+    pt = jax.vmap(patches)(act)  # per example: lhs layout, features = C * prod(spatial)
+    to_last = lambda spec: [0] + [1 + spec[0]] + [1 + i for i in spec[2:]] + [1 + spec[1]]
+    pt = jnp.transpose(pt, to_last(lhs_spec))
+    g2 = jnp.transpose(g, to_last(out_spec))
+    d, p = pt.shape[-1], g2.shape[-1]
+    pt = pt.reshape(bsz, -1, d)
+    g2 = g2.reshape(bsz, -1, p)
+    c_in = m.weight_shape[rhs_spec[1]]
+    kernel_order = [rhs_spec[1]] + list(rhs_spec[2:]) + [rhs_spec[0]]
+    inverse = np.argsort(kernel_order)
+
+    def to_weight(dp):
+        return jnp.transpose(dp.reshape([c_in] + spatial + [p]), inverse)
+
+    return pt, g2, to_weight
+
+
+def _conv_shifted(m: MatchedOp, act, g):
+    """Per-example norms and the clipped sum of a conv kernel without image patches.
+
+    The per-example kernel gradient at kernel offset k is Σ_positions A_i[pos·s + k·r] G_i[pos]:
+    one (B, C, O) contraction of a strided slice of the padded input per offset, so
+    memory stays at (B, C, O) instead of patches of size (B, T, C·K).
+    Returns ``(sq_norms, weighted)`` like :func:`_layer_ops`.
+    """
+    dn = m.params["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    canon = lambda spec: [0, 1 + spec[0]] + [1 + i for i in spec[2:]] + [1 + spec[1]]
+    a = jnp.transpose(act, canon(lhs_spec))  # (B, N, spatial..., C)
+    gg = jnp.transpose(g, canon(out_spec))  # (B, N, out spatial..., O)
+    pads = [(0, 0, 0), (0, 0, 0)] + [(lo, hi, 0) for lo, hi in m.params["padding"]] + [(0, 0, 0)]
+    a = jax.lax.pad(a, jnp.zeros((), a.dtype), pads)
+    ksize = [m.weight_shape[i] for i in rhs_spec[2:]]
+    strides, dil = m.params["window_strides"], m.params["rhs_dilation"]
+    bsz, n_e, c_in = a.shape[0], a.shape[1], a.shape[-1]
+    out_sp, c_out = gg.shape[2:-1], gg.shape[-1]
+    g2 = gg.reshape(bsz, -1, c_out)
+    offsets = list(itertools.product(*[range(k) for k in ksize]))
+
+    def shifted(off):
+        starts = [0, 0] + [k * r for k, r in zip(off, dil)] + [0]
+        limits = [bsz, n_e] + [k * r + (o - 1) * st + 1 for k, r, o, st in zip(off, dil, out_sp, strides)] + [c_in]
+        steps = [1, 1] + list(strides) + [1]
+        return jax.lax.slice(a, starts, limits, steps).reshape(bsz, -1, c_in)
+
+    def sq_norms():
+        g32 = g2.astype(jnp.float32)
+        total = 0.0
+        for off in offsets:
+            per_example = jnp.einsum("btc,bto->bco", shifted(off).astype(jnp.float32), g32)
+            total = total + jnp.sum(jnp.square(per_example), axis=(1, 2))
+        return total
+
+    inverse = np.argsort(list(rhs_spec[2:]) + [rhs_spec[1], rhs_spec[0]])
+
+    def weighted(factor, keep, acc_dtype):
+        cg = _zero_rows(g2, keep).astype(acc_dtype) * factor.astype(acc_dtype)[:, None, None]
+        blocks = [
+            jnp.einsum("btc,bto->co", _zero_rows(shifted(off), keep).astype(acc_dtype), cg) for off in offsets
+        ]
+        kernel = jnp.stack(blocks).reshape(ksize + [c_in, c_out])
+        return jnp.transpose(kernel, inverse)
+
+    return sq_norms, weighted
+
+
+def _embed_ops(m: MatchedOp, act, g):
+    """Embedding rows: per-example norms by token equality, clipped sum by scatter-add.
+
+    The per-example gradient of the table is Σ_t onehot(idx_t) G_t, so its squared
+    norm is Σ_{t,t'} [idx_t = idx_t'] ⟨G_t, G_t'⟩ and the table is never formed
+    per example.
+    """
+    vocab, dim = m.weight_shape
+    bsz = act.shape[0]
+    idx = act.reshape(bsz, -1)
+    g2 = g.reshape(bsz, -1, dim)
+    valid = (idx >= 0) & (idx < vocab)  # out-of-range lookups get no gradient
+    g2 = jnp.where(valid[..., None], g2, 0)
+
+    def sq_norms():
+        g32 = g2.astype(jnp.float32)
+        same = idx[:, :, None] == idx[:, None, :]
+        gram = jnp.einsum("btd,bsd->bts", g32, g32)
+        return jnp.sum(jnp.where(same, gram, 0.0), axis=(1, 2))
+
+    def weighted(factor, keep, acc_dtype):
+        cg = _zero_rows(g2, keep).astype(acc_dtype) * factor.astype(acc_dtype)[:, None, None]
+        rows = jnp.where(valid, idx, 0).reshape(-1)
+        return jnp.zeros((vocab, dim), acc_dtype).at[rows].add(cg.reshape(-1, dim))
+
+    return sq_norms, weighted
+
+
+def _layer_ops(m: MatchedOp, act, g):
+    """``(sq_norms() -> (B,), weighted(factor, keep, acc_dtype) -> weight-operand gradient)``."""
+    if m.kind == "embed":
+        return _embed_ops(m, act, g)
+    if m.kind == "conv" and all(d == 1 for d in m.params["lhs_dilation"]):
+        dn = m.params["dimension_numbers"]
+        t = int(np.prod(m.out_shape)) // m.out_shape[dn.out_spec[1]]
+        d = int(np.prod(m.weight_shape)) // m.weight_shape[dn.rhs_spec[0]]
+        p = m.weight_shape[dn.rhs_spec[0]]
+        if 2 * t * t > p * d:  # instantiating is cheaper than the ghost norm
+            return _conv_shifted(m, act, g)
+    f = _dot_factors if m.kind == "dot" else _conv_factors
+    a2, g2, to_weight = f(m, act, g)
+
+    def weighted(factor, keep, acc_dtype):
+        a = _zero_rows(a2, keep).astype(acc_dtype)
+        cg = _zero_rows(g2, keep).astype(acc_dtype) * factor.astype(acc_dtype)[:, None, None]
+        return to_weight(jnp.einsum("btd,btp->dp", a, cg))
+
+    return (lambda: _sq_norms(a2, g2)), weighted
+
+
+def _undo_chain(x, chain):
+    """Map a gradient w.r.t. the weight operand back to the parameter leaf."""
+    for name, params, in_shape in reversed(chain):
+        if name == "transpose":
+            x = jnp.transpose(x, np.argsort(params["permutation"]))
+        else:  # reshape, squeeze, expand_dims: a reshape back; casts and copies: nothing
+            x = x.reshape(in_shape)
+    return x
+
+
+def _sq_norms(a2, g2) -> jax.Array:
+    """Per-example ‖A_iᵀG_i‖² in float32, by the cheaper of ghost norm and instantiation."""
+    a2 = a2.astype(jnp.float32)
+    g2 = g2.astype(jnp.float32)
+    t, d, p = a2.shape[1], a2.shape[2], g2.shape[2]
+    if 2 * t * t <= p * d:
+        gram_a = jnp.einsum("btd,bsd->bts", a2, a2)
+        gram_g = jnp.einsum("btp,bsp->bts", g2, g2)
+        return jnp.sum(gram_a * gram_g, axis=(1, 2))
+    per_example = jnp.einsum("btd,btp->bdp", a2, g2)
+    return jnp.sum(jnp.square(per_example), axis=(1, 2))
+
+
+def _zero_rows(x, keep):
+    return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+
+
+def fast_engine(single_example_loss: Callable, params, chunk, args):
+    """Per-example losses, per-leaf squared norms, and a book-keeping weighted sum.
+
+    Returns ``(losses, sq_norms, weighted_sum)``: ``sq_norms`` is a list (one per
+    parameter leaf) of ``(B,)`` float32 squared norms of that leaf's per-example
+    gradient; ``weighted_sum(factors, keep)`` returns the list of
+    ``sum_i factors[leaf][i] * grad_i[leaf]`` with rows where ``keep`` is False
+    removed first (so NaN rows cannot leak into the sum).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    num_leaves = len(leaves)
+    example = jax.tree_util.tree_map(lambda x: x[0], chunk)
+    arg_leaves, arg_def = jax.tree_util.tree_flatten(args)
+
+    def flat_loss(leaf_list, ex, arg_list):
+        return single_example_loss(
+            jax.tree_util.tree_unflatten(treedef, leaf_list), ex, *jax.tree_util.tree_unflatten(arg_def, arg_list)
+        )
+
+    closed = jax.make_jaxpr(flat_loss)(leaves, example, arg_leaves)
+    plan = make_plan(closed.jaxpr, num_leaves)
+    bsz = jax.tree_util.tree_leaves(chunk)[0].shape[0]
+    taps0 = {k: jnp.zeros((bsz,) + m.out_shape, m.out_dtype) for k, m in plan.matched.items()}
+    deltas0 = {i: jnp.zeros((bsz,) + leaves[i].shape, leaves[i].dtype) for i in plan.fallback}
+
+    def per_example(taps, deltas, ex):
+        leaf_vals = [leaves[i] + deltas[i] if i in deltas else leaves[i] for i in range(num_leaves)]
+        flat_in = leaf_vals + jax.tree_util.tree_leaves(ex) + arg_leaves
+        acts: Dict[Path, jax.Array] = {}
+        (loss,) = interpret(closed.jaxpr, closed.consts, flat_in, plan, taps, acts)
+        return loss, acts
+
+    def batched(taps, deltas):
+        losses, acts = jax.vmap(per_example)(taps, deltas, chunk)
+        return losses, (losses, acts)
+
+    _, vjp_fn, (losses, acts) = jax.vjp(batched, taps0, deltas0, has_aux=True)
+    g_taps, g_deltas = vjp_fn(jnp.ones((bsz,), losses.dtype))
+
+    layer_of = {}
+    sq_norms: List[Optional[jax.Array]] = [None] * num_leaves
+    for k, m in plan.matched.items():
+        norms_fn, weighted = _layer_ops(m, acts[k], g_taps[k])
+        layer_of[m.leaf] = (weighted, m.chain)
+        sq_norms[m.leaf] = norms_fn()
+    for i in plan.fallback:
+        g = g_deltas[i].astype(jnp.float32)
+        sq_norms[i] = jnp.sum(jnp.square(g).reshape(bsz, -1), axis=1)
+
+    def weighted_sum(factors: List[jax.Array], keep: jax.Array):
+        out = []
+        for i in range(num_leaves):
+            acc_dtype = jnp.promote_types(leaves[i].dtype, jnp.float32)
+            if i in layer_of:
+                weighted, chain = layer_of[i]
+                out.append(_undo_chain(weighted(factors[i], keep, acc_dtype), chain).astype(acc_dtype))
+            else:
+                g = _zero_rows(g_deltas[i], keep).astype(acc_dtype)
+                out.append(jnp.tensordot(factors[i].astype(acc_dtype), g, axes=1))
+        return out
+
+    return losses, sq_norms, weighted_sum, plan
+
+
+def plan_for(loss_fn: Callable, params, example_batch, *args) -> Plan:
+    """The fast-path plan for ``loss_fn`` (for inspection): which leaves are fast."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    one = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[:1], example_batch)
+    closed = jax.make_jaxpr(lambda lv: loss_fn(jax.tree_util.tree_unflatten(treedef, lv), one, *args))(leaves)
+    return make_plan(closed.jaxpr, len(leaves))
