@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/dpjax epsilon --dataset-size 60000 --batch-size 256 --noise-multiplier 1.1 --epochs 60 --delta 1e-5 --statement
+	$(VENV)/bin/dpjax train --out dpjax-out
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -215,7 +215,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--epochs", type=float, default=d["epochs"],
                      help=f"expected passes over the data (default {d['epochs']})")
     opt.add_argument("--batch-size", type=int, default=d["batch_size"],
-                     help=f"expected (Poisson) batch size (default {d['batch_size']})")
+                     help="expected (Poisson) batch size (default: the whole training set, q = 1)")
     opt.add_argument("--lr", type=float, default=d["learning_rate"],
                      help=f"learning rate (default {d['learning_rate']})")
     opt.add_argument("--seed", type=int, default=0,

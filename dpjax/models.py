@@ -3,38 +3,70 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
 from flax import nnx
 
 
+def standardize_per_example(x):
+    """Each example to zero mean and unit variance over its own features.
+
+    A fixed map of each example by itself (its own mean and standard deviation),
+    not a statistic of the training set, so it costs no privacy. It removes the
+    differences in ink and contrast between examples, which the noisy updates of
+    DP-SGD cannot afford to learn.
+    """
+    axes = tuple(range(1, x.ndim))
+    mu = jnp.mean(x, axis=axes, keepdims=True)
+    sd = jnp.std(x, axis=axes, keepdims=True)
+    return (x - mu) / (sd + 1e-6)
+
+
 class MLP(nn.Module):
-    """Flatten -> Dense(hidden) -> tanh -> Dense(classes)."""
+    """[standardise each example] -> flatten -> Dense(hidden) -> tanh -> Dense(classes)."""
 
     num_classes: int = 10
     hidden: int = 64
+    standardize: bool = False
 
     @nn.compact
     def __call__(self, x):
         x = x.reshape((x.shape[0], -1))
+        if self.standardize:
+            x = standardize_per_example(x)
         x = nn.tanh(nn.Dense(self.hidden)(x))
         return nn.Dense(self.num_classes)(x)
 
 
 class CNN(nn.Module):
-    """Two 3×3 convolutions with tanh and average pooling, then a linear head.
+    """[standardise each example] -> (3×3 conv -> [GroupNorm] -> tanh -> 2×2 average pool) per
+    entry of ``features`` -> linear head.
 
-    tanh rather than ReLU: bounded activations keep per-example gradient norms
-    even, which suits DP-SGD (Papernot et al., 2021).
+    The defaults are the model tuned for DP-SGD on digits (``dpjax train``):
+    per-example standardisation, one 3×3 convolution with 8 channels,
+    GroupNorm (4 groups), tanh, 2×2 average pooling and a linear head (about
+    1,400 parameters on 8×8 images). Small on purpose: DP-SGD adds noise of
+    the same size to every parameter, so few parameters learn more per unit of
+    privacy. tanh rather than ReLU: bounded activations keep per-example
+    gradient norms even, which suits DP-SGD (Papernot et al., 2021). Inputs are
+    images (N, H, W, C) or flat features (N, D), treated as a one-channel column.
     """
 
     num_classes: int = 10
-    features: tuple = (16, 32)
+    features: tuple = (8,)
+    standardize: bool = True
+    groupnorm: bool = True
 
     @nn.compact
     def __call__(self, x):
         if x.ndim == 2:  # flat features: treat as a 1-channel column
             x = x[:, :, None, None]
+        if self.standardize:
+            x = standardize_per_example(x)
         for f in self.features:
-            x = nn.tanh(nn.Conv(f, (3, 3))(x))
+            x = nn.Conv(f, (3, 3))(x)
+            if self.groupnorm:
+                x = nn.GroupNorm(num_groups=min(4, f))(x)
+            x = nn.tanh(x)
             x = nn.avg_pool(x, (2, 2), (2, 2), padding="SAME")
         x = x.reshape((x.shape[0], -1))
         return nn.Dense(self.num_classes)(x)
@@ -53,7 +85,8 @@ class NnxMLP(nnx.Module):
 
 
 def build(name: str, num_classes: int):
-    """``"mlp"`` or ``"cnn"`` as a Linen module."""
+    """``"mlp"`` or ``"cnn"`` as a Linen module (``dpjax train --model``): the defaults of
+    :class:`MLP` and :class:`CNN`."""
     if name == "mlp":
         return MLP(num_classes=num_classes)
     if name == "cnn":
