@@ -323,45 +323,30 @@ def _conv_shifted(m: MatchedOp, act, g):
             total = total + jnp.sum(jnp.square(per_example), axis=(1, 2))
         return total
 
-    inverse = np.argsort(list(rhs_spec[2:]) + [rhs_spec[1], rhs_spec[0]])
-
     def weighted(factor, keep, acc_dtype):
-        cg = _zero_rows(g2, keep).astype(acc_dtype) * factor.astype(acc_dtype)[:, None, None]
-        blocks = [
-            jnp.einsum("btc,bto->co", _zero_rows(shifted(off), keep).astype(acc_dtype), cg) for off in offsets
-        ]
-        kernel = jnp.stack(blocks).reshape(ksize + [c_in, c_out])
-        return jnp.transpose(kernel, inverse)
+        # Σ_i c_i ∂conv/∂kernel: the convolution's own backward-filter pass with the
+        # examples folded into its batch axis and the cotangent scaled by c_i.
+        x = _zero_rows(act, keep).astype(acc_dtype)
+        cot = _zero_rows(g, keep).astype(acc_dtype) * factor.astype(acc_dtype).reshape((-1,) + (1,) * (g.ndim - 1))
+        x = _fold_batch(x, lhs_spec[0])
+        cot = _fold_batch(cot, out_spec[0])
+        conv_params = {k: v for k, v in m.params.items() if k not in ("preferred_element_type",)}
+
+        def conv(kernel):
+            return jax.lax.conv_general_dilated_p.bind(x, kernel, **{**conv_params, "preferred_element_type": None})
+
+        _, vjp = jax.vjp(conv, jnp.zeros(m.weight_shape, acc_dtype))
+        return vjp(cot)[0]
 
     return sq_norms, weighted
 
 
-def _embed_ops(m: MatchedOp, act, g):
-    """Embedding rows: per-example norms by token equality, clipped sum by scatter-add.
-
-    The per-example gradient of the table is Σ_t onehot(idx_t) G_t, so its squared
-    norm is Σ_{t,t'} [idx_t = idx_t'] ⟨G_t, G_t'⟩ and the table is never formed
-    per example.
-    """
-    vocab, dim = m.weight_shape
-    bsz = act.shape[0]
-    idx = act.reshape(bsz, -1)
-    g2 = g.reshape(bsz, -1, dim)
-    valid = (idx >= 0) & (idx < vocab)  # out-of-range lookups get no gradient
-    g2 = jnp.where(valid[..., None], g2, 0)
-
-    def sq_norms():
-        g32 = g2.astype(jnp.float32)
-        same = idx[:, :, None] == idx[:, None, :]
-        gram = jnp.einsum("btd,bsd->bts", g32, g32)
-        return jnp.sum(jnp.where(same, gram, 0.0), axis=(1, 2))
-
-    def weighted(factor, keep, acc_dtype):
-        cg = _zero_rows(g2, keep).astype(acc_dtype) * factor.astype(acc_dtype)[:, None, None]
-        rows = jnp.where(valid, idx, 0).reshape(-1)
-        return jnp.zeros((vocab, dim), acc_dtype).at[rows].add(cg.reshape(-1, dim))
-
-    return sq_norms, weighted
+def _fold_batch(x, batch_axis: int):
+    """(B, ..., N at batch_axis, ...) per-example arrays -> one batch axis of size B·N."""
+    x = jnp.moveaxis(x, 0, batch_axis)  # B now sits just before the example's own batch axis
+    shape = list(x.shape)
+    shape[batch_axis : batch_axis + 2] = [shape[batch_axis] * shape[batch_axis + 1]]
+    return x.reshape(shape)
 
 
 def _layer_ops(m: MatchedOp, act, g):
