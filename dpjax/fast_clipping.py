@@ -349,6 +349,34 @@ def _fold_batch(x, batch_axis: int):
     return x.reshape(shape)
 
 
+def _embed_ops(m: MatchedOp, act, g):
+    """Embedding rows: per-example norms by token equality, clipped sum by scatter-add.
+
+    The per-example gradient of the table is Σ_t onehot(idx_t) G_t, so its squared
+    norm is Σ_{t,t'} [idx_t = idx_t'] ⟨G_t, G_t'⟩ and the table is never formed
+    per example.
+    """
+    vocab, dim = m.weight_shape
+    bsz = act.shape[0]
+    idx = act.reshape(bsz, -1)
+    g2 = g.reshape(bsz, -1, dim)
+    valid = (idx >= 0) & (idx < vocab)  # out-of-range lookups get no gradient
+    g2 = jnp.where(valid[..., None], g2, 0)
+
+    def sq_norms():
+        g32 = g2.astype(jnp.float32)
+        same = idx[:, :, None] == idx[:, None, :]
+        gram = jnp.einsum("btd,bsd->bts", g32, g32)
+        return jnp.sum(jnp.where(same, gram, 0.0), axis=(1, 2))
+
+    def weighted(factor, keep, acc_dtype):
+        cg = _zero_rows(g2, keep).astype(acc_dtype) * factor.astype(acc_dtype)[:, None, None]
+        rows = jnp.where(valid, idx, 0).reshape(-1)
+        return jnp.zeros((vocab, dim), acc_dtype).at[rows].add(cg.reshape(-1, dim))
+
+    return sq_norms, weighted
+
+
 def _layer_ops(m: MatchedOp, act, g):
     """``(sq_norms() -> (B,), weighted(factor, keep, acc_dtype) -> weight-operand gradient)``."""
     if m.kind == "embed":
