@@ -92,3 +92,49 @@ def build(name: str, num_classes: int):
     if name == "cnn":
         return CNN(num_classes=num_classes)
     raise ValueError(f"model must be 'mlp' or 'cnn', got {name!r}")
+
+
+class ConvNet(nn.Module):
+    """The CNN of the benchmarks (shared/ANCHORS.md): 3×3 convolutions with ReLU,
+    2×2 average pooling after every second one, global mean pooling, linear head.
+    The default widths (32, 64, 64, 128) on 32×32×3 inputs give 131k parameters."""
+
+    widths: tuple = (32, 64, 64, 128)
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        for i, w in enumerate(self.widths):
+            x = nn.relu(nn.Conv(w, (3, 3))(x))
+            if i % 2 == 1:
+                x = nn.avg_pool(x, (2, 2), (2, 2))
+        return nn.Dense(self.classes)(x.mean(axis=(1, 2)))
+
+
+class Encoder(nn.Module):
+    """The transformer of the benchmarks: pre-LayerNorm encoder blocks, mean pooling,
+    a linear head (or, with ``tied=True``, the token embedding reused as the output
+    layer). The defaults (4 layers, d = 512, 8 heads, ff 2048, vocab 8192) give 16.9M
+    parameters."""
+
+    vocab: int = 8192
+    d: int = 512
+    heads: int = 8
+    ff: int = 2048
+    layers: int = 4
+    classes: int = 2
+    tied: bool = False
+
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(self.vocab, self.d)
+        x = embed(tokens)
+        for _ in range(self.layers):
+            h = nn.LayerNorm()(x)
+            x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(h, h)
+            h = nn.LayerNorm()(x)
+            x = x + nn.Dense(self.d)(nn.gelu(nn.Dense(self.ff)(h)))
+        x = nn.LayerNorm()(x).mean(axis=1)
+        if self.tied:
+            return embed.attend(x)[:, : self.classes]
+        return nn.Dense(self.classes)(x)

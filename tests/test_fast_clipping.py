@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import dpjax
-from dpjax import fast_clipping
+from dpjax import fast_clipping, models
 
 RNG = np.random.default_rng(0)
 
@@ -48,42 +48,14 @@ def fast_leaves(loss_fn, params, batch):
     return {names[m.leaf] for m in plan.matched.values()}
 
 
-class AnchorCNN(nn.Module):
-    """The CNN of ANCHORS.md (4 convs 32-64-64-128, ReLU, avg-pool, linear head), at small width."""
-
-    widths: tuple = (8, 16, 16, 32)
-
-    @nn.compact
-    def __call__(self, x):
-        for i, w in enumerate(self.widths):
-            x = nn.relu(nn.Conv(w, (3, 3))(x))
-            if i % 2 == 1:
-                x = nn.avg_pool(x, (2, 2), (2, 2))
-        return nn.Dense(10)(x.mean(axis=(1, 2)))
+def AnchorCNN(widths=(8, 16, 16, 32)):
+    """The CNN of ANCHORS.md (4 convs, ReLU, avg-pool, linear head), at small width."""
+    return models.ConvNet(widths=widths)
 
 
-class Encoder(nn.Module):
+def Encoder(vocab=40, layers=2, tied=False):
     """The transformer of ANCHORS.md (pre-LN encoder, mean-pool classifier), at small size."""
-
-    vocab: int = 40
-    d: int = 16
-    heads: int = 2
-    layers: int = 2
-    tied: bool = False
-
-    @nn.compact
-    def __call__(self, tokens):
-        embed = nn.Embed(self.vocab, self.d)
-        x = embed(tokens)
-        for _ in range(self.layers):
-            h = nn.LayerNorm()(x)
-            x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(h, h)
-            h = nn.LayerNorm()(x)
-            x = x + nn.Dense(self.d)(nn.gelu(nn.Dense(4 * self.d)(h)))
-        x = nn.LayerNorm()(x)
-        if self.tied:  # weight tying: the embedding is used twice
-            return embed.attend(x.mean(axis=1))[:, :10]
-        return nn.Dense(10)(x.mean(axis=1))
+    return models.Encoder(vocab=vocab, d=16, heads=2, ff=64, layers=layers, classes=10, tied=tied)
 
 
 def image_batch(n=6, hw=8, c=3):
