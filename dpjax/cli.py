@@ -237,6 +237,40 @@ def _train_run(args: argparse.Namespace) -> int:
 
     return training.run_cli(args)
 
+
+# --------------------------------------------------------------------------
+# dpjax audit
+# --------------------------------------------------------------------------
+
+
+def _audit_arguments(parser: argparse.ArgumentParser) -> None:
+    from dpjax import audit
+
+    audit.add_arguments(parser)
+
+
+def _audit_run(args: argparse.Namespace) -> int:
+    from dpjax import audit
+
+    return audit.run_cli(args)
+
+
+# --------------------------------------------------------------------------
+# dpjax pate
+# --------------------------------------------------------------------------
+
+
+def _pate_arguments(parser: argparse.ArgumentParser) -> None:
+    from dpjax import pate
+
+    pate.add_arguments(parser)
+
+
+def _pate_run(args: argparse.Namespace) -> int:
+    from dpjax import pate
+
+    return pate.run(args)
+
 # --------------------------------------------------------------------------
 # Registry and parser
 # --------------------------------------------------------------------------
@@ -290,6 +324,29 @@ COMMANDS: List[Command] = [
                           "DP-SGD training stays within a target epsilon.",
                           _EPS_DELTA_LINE),
         epilog=_EXAMPLE_CALIBRATE,
+    ),
+    Command(
+        name="audit",
+        help="empirical lower bound on epsilon (one-run canary audit of DP-SGD)",
+        add_arguments=_audit_arguments,
+        run=_audit_run,
+        description=_wrap("Audit dpjax's DP-SGD on digits with gradient-space canaries "
+                          "(Steinke, Nasr & Jagielski 2023, one training run): print the "
+                          "empirical lower bound on epsilon beside the accounted epsilon "
+                          "and plot the canary scores.", _EPS_DELTA_LINE),
+        epilog="example:\n  dpjax audit --out runs/audit   # about 10 s on a CPU",
+    ),
+    Command(
+        name="pate",
+        help="PATE: teachers on disjoint shards, noisy votes label a student",
+        add_arguments=_pate_arguments,
+        run=_pate_run,
+        description=_wrap("Train an ensemble of teachers on disjoint shards of digits, label "
+                          "public points with a noisy vote (LNMax, GNMax or Confident-GNMax) "
+                          "and train a student on them; print the accuracies, the answered "
+                          "queries and epsilon (data-independent and data-dependent).",
+                          _EPS_DELTA_LINE),
+        epilog="examples:\n  dpjax pate\n  dpjax pate --aggregator gnmax --sigma 15\n  dpjax pate --teachers 250 --threshold 150 --sigma1 75 --sigma 25",
     ),
 ]
 
