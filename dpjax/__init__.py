@@ -46,7 +46,7 @@ def __getattr__(name):
     # The training loop pulls in orbax and tqdm; import it only when asked for.
     import importlib
 
-    if name in ("datasets", "models", "training", "checkpointing"):
+    if name in ("datasets", "models", "training", "checkpointing", "parallel", "audit", "pate", "fast_clipping"):
         return importlib.import_module(f"dpjax.{name}")
     if name in ("fit", "TrainResult"):
         return getattr(importlib.import_module("dpjax.training"), name)

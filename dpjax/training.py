@@ -170,6 +170,7 @@ def fit(
     progress: bool = True,
     max_steps: Optional[int] = None,
     on_checkpoint: Optional[Callable[[int], None]] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> TrainResult:
     """Train ``model`` with DP-SGD on ``data`` and report the ε spent.
 
@@ -202,6 +203,15 @@ def fit(
       max_steps: stop after this many steps in this call (for tests and
         time-boxed runs; a later ``resume`` continues).
       on_checkpoint: called with the step after each checkpoint is written.
+      mesh: data-parallel training over a one-axis ``jax.sharding.Mesh``
+        (e.g. :func:`dpjax.parallel.data_mesh`), on one process or on every
+        process after ``jax.distributed.initialize``; call ``fit`` the same way
+        in each. Each process Poisson-samples its own range of the data
+        (:class:`dpjax.parallel.ShardedPoissonSampler`), every device clips its
+        rows, the clipped sums are added across devices and noise is added
+        once (see :mod:`dpjax.parallel`). Parameters, optimizer state and
+        ledger are replicated; checkpoints are written once and restored on
+        every process. ``None`` (default): the single-device loop.
 
     Example:
 
@@ -247,6 +257,10 @@ def fit(
     sigma = validation.check_positive("noise_multiplier", noise_multiplier)
 
     seeds = _derive_seeds(seed)
+    if mesh is not None:
+        from dpjax import parallel
+
+        seeds = parallel.broadcast_seeds(seeds)  # every process: same init, sampler and noise seeds
     config = {
         "num_examples": n,
         "batch_size": batch_size,
@@ -259,7 +273,11 @@ def fit(
     }
 
     apply_fn, params, finalize = _functional(model, jnp.asarray(x_train[:1]), jax.random.PRNGKey(seeds["init"]))
-    sampler = PoissonSampler(n, expected_batch_size=batch_size, seed=seeds["sampler"])
+    if mesh is None:
+        sampler = PoissonSampler(n, expected_batch_size=batch_size, seed=seeds["sampler"])
+    else:
+        sampler = parallel.ShardedPoissonSampler.for_mesh(n, mesh, expected_batch_size=batch_size,
+                                                          seed=seeds["sampler"])
     tx = privatize(
         optimizer if optimizer is not None else default_optimizer(learning_rate),
         noise_multiplier=sigma,
@@ -271,6 +289,8 @@ def fit(
         accountant=accountant,
     )
     opt_state = tx.init(params)
+    if mesh is not None:
+        params, opt_state = parallel.replicate((params, opt_state), mesh)
     history: List[Dict[str, float]] = []
 
     manager = checkpointing.CheckpointManager(checkpoint_dir) if checkpoint_dir else None
@@ -297,6 +317,14 @@ def fit(
         train_loss = jnp.sum(jnp.where(mask, g.per_example_loss, 0.0)) / jnp.maximum(g.num_examples, 1)
         return optax.apply_updates(p, updates), s, train_loss
 
+    if mesh is not None:
+        parallel_step = parallel.make_step(grad_fn, tx, mesh)
+
+        def train_step(p, s, batch, mask):  # noqa: F811 - the data-parallel version
+            batch, mask = parallel.shard_batch((batch, mask), mesh)
+            p, s, metrics = parallel_step(p, s, batch, mask)
+            return p, s, metrics["loss"]
+
     @jax.jit
     def evaluate(p, x, y):
         logits = apply_fn(p, x)
@@ -320,14 +348,19 @@ def fit(
         record = {"step": done, "epoch": done / steps_per_epoch, "epsilon": spent(),
                   "train_loss": float(train_loss)}
         if has_test:
-            acc, test_loss = evaluate(eval_params(opt_state, params), jnp.asarray(data["x_test"]),
-                                      jnp.asarray(data["y_test"]))
+            acc, test_loss = evaluate(eval_params(opt_state, params), *test_data)
             record.update(test_accuracy=float(acc), test_loss=float(test_loss))
         history.append(record)
         if bar is not None:
             bar.set_postfix({k: f"{record[k]:.3g}" for k in ("train_loss", "test_accuracy", "epsilon") if k in record})
 
     train_data = {"x": x_train, "y": y_train}
+    test_data = (jnp.asarray(data["x_test"]), jnp.asarray(data["y_test"])) if has_test else None
+    if mesh is not None:
+        train_data = sampler.local_slice(train_data)  # this process samples only its own range
+        if has_test:
+            test_data = parallel.replicate((np.asarray(data["x_test"]), np.asarray(data["y_test"])), mesh)
+        progress = progress and jax.process_index() == 0
     start = sampler.step
     end = total_steps if max_steps is None else min(total_steps, start + max_steps)
     stopped_early = None
