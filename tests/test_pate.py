@@ -253,3 +253,24 @@ def test_lnmax_event_is_2gamma_dp_per_query():
     rdp = pate.rdp_of_event(pate.lnmax_dp_event(gamma, queries), ORDERS)
     assert np.all(rdp <= queries * 2 * gamma + 1e-12)  # pure (2γ)-DP bounds every order
     assert rdp[-1] == pytest.approx(queries * 2 * gamma, rel=0.05)
+
+
+def test_private_release_of_data_dependent_epsilon():
+    import jax
+    votes = np.array([[18, 1, 1, 0, 0, 0, 0, 0, 0, 0]] * 3)  # 20 teachers, 3 queries: keeps it fast
+    order = 6.0
+    # Theorem 23's cost, computed independently here.
+    beta, s = 0.4 / order, 10.0
+    expected = order * np.exp(2 * beta) / s**2 + (-0.5 * np.log(1 - 2 * order * beta) + beta * order) / (order - 1)
+    assert pate.rdp_smooth_sensitivity_gaussian(beta, s, order) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="order"):
+        pate.rdp_smooth_sensitivity_gaussian(0.4, s, 6.0)
+    a = pate.release_data_dependent_epsilon(votes, sigma=20.0, delta=1e-5, order=order, key=jax.random.PRNGKey(0))
+    b = pate.release_data_dependent_epsilon(votes, sigma=20.0, delta=1e-5, order=order, key=jax.random.PRNGKey(0))
+    assert a == b and a["smooth_sensitivity"] >= 0 and a["release_cost_rdp"] > 0
+    true_rdp = float(pate.rdp_gnmax_data_dependent(votes, 20.0, np.array([order])).sum(0)[0])
+    # The noise is scaled by the smooth sensitivity: over many keys its spread matches SS * sigma_ss.
+    draws = [pate.release_data_dependent_epsilon(votes, sigma=20.0, delta=1e-5, order=order,
+                                                 key=jax.random.PRNGKey(i))["released_rdp"] for i in range(60)]
+    assert np.mean(draws) == pytest.approx(true_rdp, abs=4 * a["smooth_sensitivity"] * 10 / np.sqrt(60) + 1e-9)
+    assert np.std(draws) == pytest.approx(a["smooth_sensitivity"] * 10, rel=0.35)
