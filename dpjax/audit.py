@@ -693,12 +693,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--confidence", type=float, default=0.95,
                    help="confidence of the lower bound (default 0.95)")
     g.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    parser.add_argument("--demo-config", action="store_true",
+                        help="audit the privacy setting of `dpjax train`'s defaults instead: all "
+                             "1,437 digits training examples, full batch (q = 1), the default "
+                             "number of steps and the sigma calibrated for epsilon = 3 (a weak "
+                             "audit: expect a lower bound near 0)")
     parser.add_argument("--out", default="dpjax-audit", metavar="DIR",
                         help="where to write audit_scores.png and audit.json (default dpjax-audit)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """``dpjax audit``."""
+    if args.demo_config:
+        from dpjax import accounting, datasets, training
+
+        steps = int(training.DEFAULTS["epochs"])  # full batch: one step per epoch
+        args.steps, args.sampling_rate = steps, 1.0
+        args.num_real = len(datasets.load_digits()["x_train"])
+        args.noise_multiplier = accounting.calibrate_noise_multiplier(
+            target_epsilon=3.0, delta=args.delta, sampling_rate=1.0, steps=steps)
     run(out=args.out, noise_multiplier=args.noise_multiplier, steps=args.steps,
         sampling_rate=args.sampling_rate, num_canaries=args.num_canaries,
         num_real=args.num_real, delta=args.delta, confidence=args.confidence, seed=args.seed)

@@ -207,3 +207,15 @@ def test_cli_audit_writes_plot(tmp_path):
     assert "accounted epsilon" in proc.stdout
     assert (out / "audit_scores.png").stat().st_size > 1000
     assert (out / "audit.json").exists()
+
+
+def test_cli_audits_the_demo_configuration(tmp_path, capsys):
+    from dpjax import cli
+
+    assert cli.main(["audit", "--demo-config", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "1437 real digits examples" in out and "q = 1" in out
+    lower = float(out.split("empirical epsilon lower bound = ")[1].split()[0])
+    accounted = float(out.split("accounted epsilon             = ")[1].split()[0])
+    assert 0 <= lower <= accounted <= 3.0
+    assert (tmp_path / "audit_scores.png").exists()
