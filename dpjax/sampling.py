@@ -53,6 +53,7 @@ Example::
 
 from __future__ import annotations
 
+import abc
 import math
 import numbers
 import secrets
@@ -251,7 +252,7 @@ class Batch:
         )
 
 
-class _Sampler:
+class _Sampler(abc.ABC):
     """Shared state, iteration and checkpointing for the samplers."""
 
     sampling: str = ""
@@ -264,11 +265,13 @@ class _Sampler:
         self._sampling_rate = 1.0
 
     # -- subclass hooks -----------------------------------------------------
+    @abc.abstractmethod
     def _draw(self, rng: np.random.Generator) -> np.ndarray:
-        raise NotImplementedError
+        """The sorted real indices of one step's batch."""
 
+    @abc.abstractmethod
     def _bucket_for(self, size: int, step: int) -> int:
-        raise NotImplementedError
+        """The padded length for a draw of ``size`` real examples."""
 
     # -- public API -----------------------------------------------------------
     @property
