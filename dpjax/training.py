@@ -310,17 +310,19 @@ def fit(
     grad_fn = clipped_grad(batch_loss, l2_clip_norm=l2_clip_norm, microbatch_size=microbatch_size,
                            return_per_example=True)
 
-    @jax.jit
-    def train_step(p, s, batch, mask):
-        g = grad_fn(p, batch, mask=mask)
-        updates, s = tx.update(g, s, p)
-        train_loss = jnp.sum(jnp.where(mask, g.per_example_loss, 0.0)) / jnp.maximum(g.num_examples, 1)
-        return optax.apply_updates(p, updates), s, train_loss
+    if mesh is None:
 
-    if mesh is not None:
+        @jax.jit
+        def train_step(p, s, batch, mask):
+            g = grad_fn(p, batch, mask=mask)
+            updates, s = tx.update(g, s, p)
+            train_loss = jnp.sum(jnp.where(mask, g.per_example_loss, 0.0)) / jnp.maximum(g.num_examples, 1)
+            return optax.apply_updates(p, updates), s, train_loss
+
+    else:
         parallel_step = parallel.make_step(grad_fn, tx, mesh)
 
-        def train_step(p, s, batch, mask):  # noqa: F811 - the data-parallel version
+        def train_step(p, s, batch, mask):
             batch, mask = parallel.shard_batch((batch, mask), mesh)
             p, s, metrics = parallel_step(p, s, batch, mask)
             return p, s, metrics["loss"]
@@ -442,9 +444,6 @@ def save_plot(history: List[Dict[str, float]], path: str, title: str = "") -> No
 
 def run_cli(args) -> int:
     """``dpjax train``: see ``dpjax train --help``."""
-    import json
-    import os
-
     from dpjax import datasets, models
 
     validation.check_positive("--epsilon", args.epsilon)
