@@ -597,11 +597,7 @@ class ShardedPoissonSampler:
         p = self._process_index
         k = int(sizes[p])
         real = np.sort(self._rng(step, 1 + p).choice(int(self._shard_sizes[p]), size=k, replace=False, shuffle=False))
-        indices = np.zeros(bucket, np.int32)
-        indices[:k] = real
-        mask = np.zeros(bucket, bool)
-        mask[:k] = True
-        return Batch(indices=indices, mask=mask, size=k, step=step)
+        return Batch.padded(real, bucket, step)
 
     def sample(self) -> Batch:
         batch = self.batch_at(self._step)

@@ -202,6 +202,16 @@ class Batch:
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "step", int(self.step))
 
+    @classmethod
+    def padded(cls, real: np.ndarray, bucket_size: int, step: int) -> "Batch":
+        """The batch of sorted real indices ``real``, padded with masked index 0 to ``bucket_size``."""
+        size = int(real.shape[0])
+        indices = np.zeros(bucket_size, dtype=np.int32)
+        indices[:size] = real
+        mask = np.zeros(bucket_size, dtype=bool)
+        mask[:size] = True
+        return cls(indices=indices, mask=mask, size=size, step=step)
+
     @property
     def bucket_size(self) -> int:
         """The padded (static) length of this batch."""
@@ -301,13 +311,7 @@ class _Sampler(abc.ABC):
         step = _check_exact_int("step", step)
         rng = np.random.default_rng([self._seed, step])
         real = np.sort(self._draw(rng)).astype(np.int32)
-        size = int(real.shape[0])
-        bucket = self._bucket_for(size, step)
-        indices = np.zeros(bucket, dtype=np.int32)
-        indices[:size] = real
-        mask = np.zeros(bucket, dtype=bool)
-        mask[:size] = True
-        return Batch(indices=indices, mask=mask, size=size, step=step)
+        return Batch.padded(real, self._bucket_for(int(real.shape[0]), step), step)
 
     def sample(self) -> Batch:
         """Draws the batch of the current step and advances to the next step."""
