@@ -287,66 +287,115 @@ def _conv_factors(m: MatchedOp, act, g):
     return pt, g2, to_weight
 
 
-def _conv_shifted(m: MatchedOp, act, g):
-    """Per-example norms and the clipped sum of a conv kernel without image patches.
+def _conv_shifted(m: MatchedOp, act, g, mode: str, factor=None, keep=None, acc_dtype=None):
+    """A conv's kernel gradient, one kernel offset at a time, without image patches.
 
-    The per-example kernel gradient at kernel offset k is Σ_positions A_i[pos·s + k·r] G_i[pos]:
-    one (B, C, O) contraction of a strided slice of the padded input per offset, so
-    memory stays at (B, C, O) instead of patches of size (B, T, C·K).
-    Returns ``(sq_norms, weighted)`` like :func:`_layer_ops`.
+    The kernel gradient at offset k is Σ_positions A[pos·s + k·r] G[pos]: a
+    contraction of a strided slice of the padded input with the output
+    gradient. A ``scan`` over the offsets keeps one slice alive at a time
+    (unrolled, XLA would materialise every slice at once, i.e. the patches).
+
+    ``mode``:
+      * ``"keep"``: ``(grads, to_weight)``, the (B, K, C, O) per-example gradients
+        and the map of a (K, C, O) sum over the batch to the kernel's layout;
+      * ``"norms"``: the (B,) squared norms of the per-example gradients;
+      * ``"ghost_norms"``: the same by the Gram identity (cheaper when 2T² ≤ p·d);
+      * ``"sum"``: Σ_i factor_i ∂_i with rows where ``keep`` is False removed, in
+        the kernel's layout (one (C, O) matrix product over batch × positions
+        per offset).
     """
     dn = m.params["dimension_numbers"]
     lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
     canon = lambda spec: [0, 1 + spec[0]] + [1 + i for i in spec[2:]] + [1 + spec[1]]
-    a = jnp.transpose(act, canon(lhs_spec))  # (B, N, spatial..., C)
-    gg = jnp.transpose(g, canon(out_spec))  # (B, N, out spatial..., O)
+    dtype = _per_example_dtype(act, g) if mode != "sum" else acc_dtype
+    a = jnp.transpose(act, canon(lhs_spec)).astype(dtype)  # (B, N, spatial..., C)
+    gg = jnp.transpose(g, canon(out_spec)).astype(dtype)  # (B, N, out spatial..., O)
     pads = [(0, 0, 0), (0, 0, 0)] + [(lo, hi, 0) for lo, hi in m.params["padding"]] + [(0, 0, 0)]
-    a = jax.lax.pad(a, jnp.zeros((), a.dtype), pads)
+    a = jax.lax.pad(a, jnp.zeros((), dtype), pads)
     ksize = [m.weight_shape[i] for i in rhs_spec[2:]]
     strides, dil = m.params["window_strides"], m.params["rhs_dilation"]
     bsz, n_e, c_in = a.shape[0], a.shape[1], a.shape[-1]
     out_sp, c_out = gg.shape[2:-1], gg.shape[-1]
     g2 = gg.reshape(bsz, -1, c_out)
-    offsets = list(itertools.product(*[range(k) for k in ksize]))
+    window = [bsz, n_e] + [(o - 1) * st + 1 for o, st in zip(out_sp, strides)] + [c_in]
+    offsets = np.array(list(itertools.product(*[range(k) for k in ksize])), np.int32) * np.array(dil, np.int32)
+    starts = jnp.asarray(offsets)
+    num = len(offsets)
+    kernel_order = list(rhs_spec[2:]) + [rhs_spec[1], rhs_spec[0]]
 
-    def shifted(off):
-        starts = [0, 0] + [k * r for k, r in zip(off, dil)] + [0]
-        limits = [bsz, n_e] + [k * r + (o - 1) * st + 1 for k, r, o, st in zip(off, dil, out_sp, strides)] + [c_in]
-        steps = [1, 1] + list(strides) + [1]
-        return jax.lax.slice(a, starts, limits, steps).reshape(bsz, -1, c_in)
+    def to_weight(kco):  # (K, C, O) -> (spatial..., C, O) -> the kernel's layout
+        return jnp.transpose(kco.reshape(ksize + [c_in, c_out]), np.argsort(kernel_order))
+
+    def sliced(x, i):
+        zero = jnp.zeros((), jnp.int32)
+        win = jax.lax.dynamic_slice(x, [zero, zero] + list(starts[i]) + [zero], window)
+        return jax.lax.slice(win, [0] * len(window), window, [1, 1] + list(strides) + [1]).reshape(bsz, -1, c_in)
+
+    def offset_grad(i):
+        return jnp.einsum("btc,bto->bco", sliced(a, i), g2)
+
+    if mode == "norms":
+        def add_sq(total, i):
+            return total + jnp.sum(jnp.square(offset_grad(i).astype(jnp.float32)), axis=(1, 2)), None
+
+        return jax.lax.scan(add_sq, jnp.zeros((bsz,), jnp.float32), jnp.arange(num))[0]
+
+    if mode == "ghost_norms":
+        # ‖Σ_t p_t g_tᵀ‖² = ⟨PPᵀ, GGᵀ⟩ with the patch Gram PPᵀ = Σ_k A_k A_kᵀ
+        # accumulated over offsets, so the patches P are never formed.
+        def add_gram(gram, i):
+            sl = sliced(a, i).astype(jnp.float32)
+            return gram + jnp.einsum("btc,bsc->bts", sl, sl), None
+
+        t = g2.shape[1]
+        gram_a = jax.lax.scan(add_gram, jnp.zeros((bsz, t, t), jnp.float32), jnp.arange(num))[0]
+        g32 = g2.astype(jnp.float32)
+        return jnp.sum(gram_a * jnp.einsum("btp,bsp->bts", g32, g32), axis=(1, 2))
+
+    if mode == "keep":
+        def write(grads, i):
+            return jax.lax.dynamic_update_slice_in_dim(grads, offset_grad(i)[:, None], i, axis=1), None
+
+        # Batch-first (B, K, C, O), written in place by the loop.
+        grads, _ = jax.lax.scan(write, jnp.zeros((bsz, num, c_in, c_out), dtype), jnp.arange(num))
+        return grads, to_weight
+
+    # Row selection and scaling inside the loop, where XLA fuses them into the
+    # operands of the product: no zeroed copies of A or G are made.
+    k3 = keep[:, None, None]
+    c3 = jnp.where(keep, factor, 0).astype(dtype)[:, None, None]
+
+    def offset_sum(_, i):
+        return None, jnp.einsum("btc,bto->co", jnp.where(k3, sliced(a, i), 0) * c3, jnp.where(k3, g2, 0))
+
+    return to_weight(jax.lax.scan(offset_sum, None, jnp.arange(num))[1])
+
+
+def _per_example_dtype(act, g):
+    """Per-example gradients and norms are formed in at least float32."""
+    return jnp.promote_types(jnp.result_type(act, g), jnp.float32)
+
+
+def _instantiated_ops(grads, to_weight):
+    """``(sq_norms, weighted)`` for a layer whose (B, ...) per-example gradients are kept.
+
+    The clipped sum is then a weighted sum over the batch instead of another
+    weight-gradient pass.
+    """
+    bsz = grads.shape[0]
+    flat = grads.reshape(bsz, -1)
 
     def sq_norms():
-        g32 = g2.astype(jnp.float32)
-        total = 0.0
-        for off in offsets:
-            per_example = jnp.einsum("btc,bto->bco", shifted(off).astype(jnp.float32), g32)
-            total = total + jnp.sum(jnp.square(per_example), axis=(1, 2))
-        return total
+        return jnp.sum(jnp.square(flat.astype(jnp.float32)), axis=1)
 
-    def weighted(factor, keep, acc_dtype):
-        # Σ_i c_i ∂conv/∂kernel: the convolution's own backward-filter pass with the
-        # examples folded into its batch axis and the cotangent scaled by c_i.
-        x = _zero_rows(act, keep).astype(acc_dtype)
-        cot = _zero_rows(g, keep).astype(acc_dtype) * factor.astype(acc_dtype).reshape((-1,) + (1,) * (g.ndim - 1))
-        x = _fold_batch(x, lhs_spec[0])
-        cot = _fold_batch(cot, out_spec[0])
-        conv_params = {k: v for k, v in m.params.items() if k not in ("preferred_element_type",)}
+    def weighted(factor, keep, acc_dtype, g_again=None):
+        # As a matrix-vector product XLA fuses the row selection into the dot:
+        # no zeroed copy of the gradients is made.
+        c = jnp.where(keep, factor, 0).astype(acc_dtype)
+        summed = jnp.where(keep[:, None], flat.astype(acc_dtype), 0).T @ c
+        return to_weight(summed.reshape(grads.shape[1:]))
 
-        def conv(kernel):
-            return jax.lax.conv_general_dilated_p.bind(x, kernel, **{**conv_params, "preferred_element_type": None})
-
-        _, vjp = jax.vjp(conv, jnp.zeros(m.weight_shape, acc_dtype))
-        return vjp(cot)[0]
-
-    return sq_norms, weighted
-
-
-def _fold_batch(x, batch_axis: int):
-    """(B, ..., N at batch_axis, ...) per-example arrays -> one batch axis of size B·N."""
-    x = jnp.moveaxis(x, 0, batch_axis)  # B now sits just before the example's own batch axis
-    shape = list(x.shape)
-    shape[batch_axis : batch_axis + 2] = [shape[batch_axis] * shape[batch_axis + 1]]
-    return x.reshape(shape)
+    return LayerOps(sq_norms, weighted)
 
 
 def _embed_ops(m: MatchedOp, act, g):
@@ -369,34 +418,83 @@ def _embed_ops(m: MatchedOp, act, g):
         gram = jnp.einsum("btd,bsd->bts", g32, g32)
         return jnp.sum(jnp.where(same, gram, 0.0), axis=(1, 2))
 
-    def weighted(factor, keep, acc_dtype):
+    def weighted(factor, keep, acc_dtype, g_again=None):
         cg = _zero_rows(g2, keep).astype(acc_dtype) * factor.astype(acc_dtype)[:, None, None]
         rows = jnp.where(valid, idx, 0).reshape(-1)
         return jnp.zeros((vocab, dim), acc_dtype).at[rows].add(cg.reshape(-1, dim))
 
-    return sq_norms, weighted
+    return LayerOps(sq_norms, weighted)
 
 
-def _layer_ops(m: MatchedOp, act, g):
-    """``(sq_norms() -> (B,), weighted(factor, keep, acc_dtype) -> weight-operand gradient)``."""
+# A layer keeps its per-example gradients for the clipped sum when they take at
+# most this fraction of the memory of its input and output activations; larger
+# ones (the wide top layers of a CNN) are recomputed by a second backward pass
+# that stops at the lowest such layer.
+KEEP_FRACTION = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOps:
+    """How one matched op's norms and clipped sum are formed.
+
+    ``weighted(factor, keep, acc_dtype, g_again)``: ``g_again`` is the op's output
+    gradient from the second backward pass, used only when ``recompute`` is True.
+    """
+
+    sq_norms: Callable[[], jax.Array]
+    weighted: Callable[..., jax.Array]
+    recompute: bool = False
+
+
+def _keeps_grads(m: MatchedOp, grad_size: int) -> bool:
+    footprint = int(np.prod(m.act_shape)) + int(np.prod(m.out_shape))
+    return grad_size <= KEEP_FRACTION * footprint
+
+
+def _layer_ops(m: MatchedOp, act, g) -> LayerOps:
+    """Choose, per op, the ghost norm with book-keeping, kept per-example
+    gradients, or instantiated norms with a recomputed clipped sum."""
     if m.kind == "embed":
         return _embed_ops(m, act, g)
+    grad_size = int(np.prod(m.weight_shape))
     if m.kind == "conv" and all(d == 1 for d in m.params["lhs_dilation"]):
         dn = m.params["dimension_numbers"]
         t = int(np.prod(m.out_shape)) // m.out_shape[dn.out_spec[1]]
-        d = int(np.prod(m.weight_shape)) // m.weight_shape[dn.rhs_spec[0]]
-        p = m.weight_shape[dn.rhs_spec[0]]
-        if 2 * t * t > p * d:  # instantiating is cheaper than the ghost norm
-            return _conv_shifted(m, act, g)
+        conv_sum = lambda gk, factor, keep, acc_dtype: _conv_shifted(m, act, gk, "sum", factor, keep, acc_dtype)
+        if 2 * t * t <= grad_size:  # ghost norm, book-keeping with the kept output gradient
+            return LayerOps(lambda: _conv_shifted(m, act, g, "ghost_norms"),
+                            lambda factor, keep, acc_dtype, g_again=None: conv_sum(g, factor, keep, acc_dtype))
+        if _keeps_grads(m, grad_size):
+            return _instantiated_ops(*_conv_shifted(m, act, g, "keep"))
+        return LayerOps(lambda: _conv_shifted(m, act, g, "norms"),
+                        lambda factor, keep, acc_dtype, g_again: conv_sum(g_again, factor, keep, acc_dtype),
+                        recompute=True)
     f = _dot_factors if m.kind == "dot" else _conv_factors
     a2, g2, to_weight = f(m, act, g)
+    t, d, p = a2.shape[1], a2.shape[2], g2.shape[2]
+    instantiate = 2 * t * t > p * d
+    if instantiate and _keeps_grads(m, grad_size):
+        dtype = _per_example_dtype(a2, g2)
+        return _instantiated_ops(jnp.einsum("btd,btp->bdp", a2.astype(dtype), g2.astype(dtype)), to_weight)
 
-    def weighted(factor, keep, acc_dtype):
+    def sq_norms():
+        a32, g32 = a2.astype(jnp.float32), g2.astype(jnp.float32)
+        if instantiate:
+            return jnp.sum(jnp.square(jnp.einsum("btd,btp->bdp", a32, g32)), axis=(1, 2))
+        # Ghost norm: ‖A_iᵀG_i‖² = ⟨A_iA_iᵀ, G_iG_iᵀ⟩, never forming A_iᵀG_i.
+        gram_a = jnp.einsum("btd,bsd->bts", a32, a32)
+        gram_g = jnp.einsum("btp,bsp->bts", g32, g32)
+        return jnp.sum(gram_a * gram_g, axis=(1, 2))
+
+    def weighted(factor, keep, acc_dtype, g_again=None):
+        # Book-keeping: Σ_i c_i A_iᵀG_i as one contraction of A with c·G (G from
+        # the second backward pass when this op's G was not kept).
+        gk = g2 if g_again is None else f(m, act, g_again)[1]
         a = _zero_rows(a2, keep).astype(acc_dtype)
-        cg = _zero_rows(g2, keep).astype(acc_dtype) * factor.astype(acc_dtype)[:, None, None]
+        cg = _zero_rows(gk, keep).astype(acc_dtype) * jnp.where(keep, factor, 0).astype(acc_dtype)[:, None, None]
         return to_weight(jnp.einsum("btd,btp->dp", a, cg))
 
-    return (lambda: _sq_norms(a2, g2)), weighted
+    return LayerOps(sq_norms, weighted, recompute=instantiate)
 
 
 def _undo_chain(x, chain):
@@ -407,19 +505,6 @@ def _undo_chain(x, chain):
         else:  # reshape, squeeze, expand_dims: a reshape back; casts and copies: nothing
             x = x.reshape(in_shape)
     return x
-
-
-def _sq_norms(a2, g2) -> jax.Array:
-    """Per-example ‖A_iᵀG_i‖² in float32, by the cheaper of ghost norm and instantiation."""
-    a2 = a2.astype(jnp.float32)
-    g2 = g2.astype(jnp.float32)
-    t, d, p = a2.shape[1], a2.shape[2], g2.shape[2]
-    if 2 * t * t <= p * d:
-        gram_a = jnp.einsum("btd,bsd->bts", a2, a2)
-        gram_g = jnp.einsum("btp,bsp->bts", g2, g2)
-        return jnp.sum(gram_a * gram_g, axis=(1, 2))
-    per_example = jnp.einsum("btd,btp->bdp", a2, g2)
-    return jnp.sum(jnp.square(per_example), axis=(1, 2))
 
 
 def _zero_rows(x, keep):
@@ -468,20 +553,26 @@ def fast_engine(single_example_loss: Callable, params, chunk, args):
     layer_of = {}
     sq_norms: List[Optional[jax.Array]] = [None] * num_leaves
     for k, m in plan.matched.items():
-        norms_fn, weighted = _layer_ops(m, acts[k], g_taps[k])
-        layer_of[m.leaf] = (weighted, m.chain)
-        sq_norms[m.leaf] = norms_fn()
+        ops = _layer_ops(m, acts[k], g_taps[k])
+        layer_of[m.leaf] = (k, ops, m.chain)
+        sq_norms[m.leaf] = ops.sq_norms()
     for i in plan.fallback:
         g = g_deltas[i].astype(jnp.float32)
         sq_norms[i] = jnp.sum(jnp.square(g).reshape(bsz, -1), axis=1)
+    recompute = any(ops.recompute for _, ops, _ in layer_of.values())
 
     def weighted_sum(factors: List[jax.Array], keep: jax.Array):
+        # The second backward pass (only if some op did not keep its gradients):
+        # its cotangent depends on the norms, so XLA runs it after them and cannot
+        # merge it with the first; it is pruned below the lowest op that uses it.
+        g_again = vjp_fn(keep.astype(losses.dtype))[0] if recompute else {}
         out = []
         for i in range(num_leaves):
             acc_dtype = jnp.promote_types(leaves[i].dtype, jnp.float32)
             if i in layer_of:
-                weighted, chain = layer_of[i]
-                out.append(_undo_chain(weighted(factors[i], keep, acc_dtype), chain).astype(acc_dtype))
+                k, ops, chain = layer_of[i]
+                w = ops.weighted(factors[i], keep, acc_dtype, g_again.get(k) if ops.recompute else None)
+                out.append(_undo_chain(w, chain).astype(acc_dtype))
             else:
                 g = _zero_rows(g_deltas[i], keep).astype(acc_dtype)
                 out.append(jnp.tensordot(factors[i].astype(acc_dtype), g, axes=1))
