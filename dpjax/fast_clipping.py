@@ -16,14 +16,23 @@ primitives):
    output and a zero per-example offset added to each fallback leaf. One
    ``vjp`` of the per-example losses gives, for every matched op, the output
    gradient G_i (its input A_i is kept from the forward pass), and for every
-   fallback leaf its exact per-example gradient. No gradient with respect to
-   the matched weights is ever formed per example.
-3. **Norms.** For a matched op the per-example weight gradient is A_iᵀG_i
-   (convolutions: image patches of A_i). Its squared norm is taken with the
-   Gram ("ghost") identity ⟨A_iA_iᵀ, G_iG_iᵀ⟩ when 2T² ≤ p·d (T positions,
-   d inputs, p outputs), else by forming A_iᵀG_i for that one layer.
-4. **Book-keeping.** With clip factors c_i, the clipped sum of a matched leaf
-   is Σ_i c_i A_iᵀG_i = one contraction of A with c·G; no second backward pass.
+   fallback leaf its exact per-example gradient.
+3. **Norms, per op.** For a matched op the per-example weight gradient is
+   A_iᵀG_i (convolutions: a sum over kernel offsets of shifted A_i against G_i).
+   Its squared norm is taken with the Gram ("ghost") identity
+   ⟨A_iA_iᵀ, G_iG_iᵀ⟩ when 2T² ≤ p·d (T positions, d inputs, p outputs; for
+   convolutions the patch Gram is accumulated offset by offset), else by
+   forming A_iᵀG_i (convolutions: one (B, C, O) product per offset inside a
+   ``scan``, so the image patches are never formed).
+4. **Clipped sum, per op.** With clip factors c_i:
+   * ghost ops: book-keeping, Σ_i c_i A_iᵀG_i as one contraction of A with c·G;
+   * instantiated ops whose per-example gradients are small next to their
+     activations (≤ ``KEEP_FRACTION``): the gradients are kept and summed with
+     weights c_i;
+   * other instantiated ops (the wide top layers of a CNN): G is recomputed by a
+     second backward pass (its cotangent depends on the norms, so it runs after
+     them, and XLA prunes it below the lowest such op) and contracted with c·A.
+   This keeps XLA's scratch memory near the non-private step's.
 
 Per-example semantics are those of the vmap path by construction (the same
 single-example loss is evaluated), and the tests compare both on MLPs, CNNs,

@@ -104,6 +104,29 @@ def test_each_conv_strategy_with_masked_and_nan_rows(monkeypatch, hw, keep_fract
         assert not any(len(s) == 4 and s[:2] == (7, 9) for s in shapes)  # nothing kept per example
 
 
+@pytest.mark.parametrize("keep_fraction", [float("inf"), 0.0])
+def test_long_sequences_and_transposed_convs_instantiate_exactly(monkeypatch, keep_fraction):
+    """Dense layers over long sequences (2T² > p·d) and a transposed conv (image
+    patches of a dilated input) take instantiated norms; their clipped sums are
+    kept per example or recomputed by the second backward pass."""
+    monkeypatch.setattr(fast_clipping, "KEEP_FRACTION", keep_fraction)
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.tanh(nn.Dense(4)(x))  # (B, 12, 3) -> (B, 12, 4): T = 12, d·p = 12
+            img = nn.ConvTranspose(2, (3, 3), strides=(2, 2))(h.reshape(h.shape[0], 4, 3, 4))
+            return nn.Dense(10)(img.reshape(img.shape[0], -1))
+
+    batch = {"x": jnp.asarray(RNG.normal(size=(6, 12, 3)), jnp.float32), "y": jnp.asarray(RNG.integers(0, 10, 6))}
+    batch["x"] = batch["x"].at[1].set(jnp.inf)
+    mask = jnp.array([True, True, True, False, True, True])
+    params = M().init(jax.random.PRNGKey(3), batch["x"][:1])
+    compare(ce_loss(M().apply), params, batch, mask=mask)
+    names = fast_leaves(ce_loss(M().apply), params, batch)
+    assert {"['params']['Dense_0']['kernel']", "['params']['ConvTranspose_0']['kernel']"} <= names
+
+
 @pytest.mark.parametrize("conv_kw", [dict(strides=2, padding="VALID"), dict(kernel_dilation=2), dict(padding=((1, 2), (0, 1)))])
 def test_conv_variants_2d(conv_kw):
     class M(nn.Module):
