@@ -49,8 +49,9 @@ def parse(lines: Iterable[str]) -> List[dict]:
 
 
 def run_module(module: str, args: List[str], timeout_s: float, env: Optional[dict] = None,
-               cwd: Optional[str] = None) -> Tuple[List[dict], Optional[str], float]:
-    """Run ``python -m module *args``; return (results, error or None, wall seconds).
+               cwd: Optional[str] = None, python: Optional[str] = None) -> Tuple[List[dict], Optional[str], float]:
+    """Run ``python -m module *args`` (``python``: this interpreter unless given);
+    return (results, error or None, wall seconds).
 
     The error is ``None`` when the process exited with status 0; otherwise it
     names the exit status or the timeout and quotes the end of stderr.
@@ -60,7 +61,7 @@ def run_module(module: str, args: List[str], timeout_s: float, env: Optional[dic
         full_env.update(env)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+        proc = subprocess.run([python or sys.executable, "-m", module, *args], capture_output=True, text=True,
                               timeout=max(1.0, timeout_s), env=full_env, cwd=cwd)
         out, err, rc = proc.stdout, proc.stderr, proc.returncode
         error = None if rc == 0 else f"exit status {rc}: {_tail(err)}"

@@ -79,6 +79,8 @@ def parse_args(argv=None):
     ap.add_argument("--note", default=None, help="a sentence stored in the results (e.g. how peers were installed)")
     ap.add_argument("--isolate", choices=("auto", "on", "off"), default="auto",
                     help="run every JAX task in its own process (auto: on a GPU)")
+    ap.add_argument("--torch-python", default=None,
+                    help="interpreter with torch/opacus for the PyTorch peers (default: this one)")
     ap.add_argument("--worker-timeout-s", type=float, default=420.0, help="limit per subprocess")
     ap.add_argument("--time-budget-s", type=float, default=None,
                     help="stop starting new tasks after this many seconds (the rest is recorded as skipped)")
@@ -247,7 +249,7 @@ class Suite:
         wanted = [m for m in a.methods if m in torch_peers.METHODS]
         available = []
         for m in wanted:
-            ok, why = torch_peers.availability(m)
+            ok, why = torch_peers.availability(m, a.torch_python)
             if ok:
                 available.append(m)
             else:
@@ -261,7 +263,8 @@ class Suite:
                 "steps": a.steps, "warmup": max(a.warmup, 2), "device": "auto"}
         rows, error, _ = protocol.run_module(
             "benchmarks.torch_peers", [json.dumps(spec)], timeout_s=min(a.worker_timeout_s, self.remaining()),
-            env={"PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}, cwd=REPO_ROOT)
+            env={"PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}, cwd=REPO_ROOT,
+            python=a.torch_python)
         for r in rows:
             self._record(r)
         if error:

@@ -23,6 +23,7 @@ import gc
 import importlib.util
 import json
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -40,14 +41,25 @@ CLIP = 1.0
 SIGMA = 1.0
 
 
-def availability(method: str) -> tuple[bool, str]:
-    """Cheap check (no import): is the package for ``method`` installed?"""
+def availability(method: str, python: str | None = None) -> tuple[bool, str]:
+    """Is the package for ``method`` installed (in this interpreter, or in ``python``)?"""
     if method not in LABELS:
         return False, f"unknown method {method!r}"
-    if importlib.util.find_spec("torch") is None:
-        return False, "torch not installed (pip install 'dpjax[bench]')"
-    if method.startswith("opacus") and importlib.util.find_spec("opacus") is None:
-        return False, "opacus not installed (pip install 'dpjax[bench]')"
+    needs = ["torch"] + (["opacus"] if method.startswith("opacus") else [])
+    if python is None:
+        missing = [n for n in needs if importlib.util.find_spec(n) is None]
+    else:
+        probe = "import importlib.util as u, sys; print(' '.join(n for n in sys.argv[1:] if u.find_spec(n) is None))"
+        try:
+            proc = subprocess.run([python, "-c", probe, *needs], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return False, f"cannot run {python}: {e}"
+        if proc.returncode != 0:
+            return False, f"cannot run {python}: {proc.stderr.strip()[-300:]}"
+        missing = proc.stdout.split()
+    if missing:
+        where = f" in {python}" if python else ""
+        return False, f"{', '.join(missing)} not installed{where} (pip install 'dpjax[bench]')"
     return True, ""
 
 

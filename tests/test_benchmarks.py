@@ -137,3 +137,13 @@ def test_torch_peer_availability_names_a_reason():
         ok, why = torch_peers.availability(method)
         assert ok or why
     assert torch_peers.availability("nope") == (False, "unknown method 'nope'")
+
+
+def test_torch_peer_availability_asks_another_interpreter(tmp_path):
+    """``--torch-python``: the check runs in that interpreter, and a broken one is named."""
+    here = torch_peers.availability("opacus-hooks")
+    there = torch_peers.availability("opacus-hooks", python=sys.executable)
+    assert here[0] == there[0]
+    assert there[0] or sys.executable in there[1]
+    ok, why = torch_peers.availability("torch-nonprivate", python=str(tmp_path / "no-such-python"))
+    assert not ok and "cannot run" in why
