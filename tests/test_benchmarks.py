@@ -147,3 +147,16 @@ def test_torch_peer_availability_asks_another_interpreter(tmp_path):
     assert there[0] or sys.executable in there[1]
     ok, why = torch_peers.availability("torch-nonprivate", python=str(tmp_path / "no-such-python"))
     assert not ok and "cannot run" in why
+
+
+def test_compile_memory_reports_scratch_without_running(tmp_path, capsys):
+    from benchmarks import compile_memory
+
+    assert compile_memory.main(["--size", "tiny", "--cells", "cnn:8", "--methods", "jax-nonprivate,dpjax-fast",
+                                "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "compile_memory.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["method"] for r in rows] == ["jax-nonprivate", "dpjax-fast"]
+    assert all(r["scratch_bytes"] > 0 for r in rows) and rows[0]["scratch_vs_first"] == 1.0
+    with pytest.raises(SystemExit):
+        compile_memory.main(["--cells", "cnn"])
