@@ -89,8 +89,11 @@ def _single_example(loss_fn):
     return single
 
 
-def make_step(method: str, loss_fn: Callable, batch_size: int) -> Tuple[Callable, Callable]:
-    """(init(params) -> state, step(params, state, batch) -> (params, state))."""
+def make_step(method: str, loss_fn: Callable, batch_size: int,
+              keep_fraction: Optional[float] = None) -> Tuple[Callable, Callable]:
+    """(init(params) -> state, step(params, state, batch) -> (params, state)).
+
+    ``keep_fraction``: passed to ``dpjax.clipped_grad`` by the dpjax methods."""
     sgd = optax.sgd(LEARNING_RATE)
 
     if method == "jax-nonprivate":
@@ -101,7 +104,8 @@ def make_step(method: str, loss_fn: Callable, batch_size: int) -> Tuple[Callable
         return sgd.init, step
 
     if method in ("dpjax-vmap", "dpjax-fast"):
-        grad_fn = dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method=method.split("-")[1])
+        grad_fn = dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method=method.split("-")[1],
+                                     keep_fraction=keep_fraction)
         tx = dpjax.privatize(sgd, noise_multiplier=SIGMA, l2_clip_norm=CLIP, expected_batch_size=batch_size,
                              sampling_rate=0.01, seed=0)
 
@@ -167,7 +171,8 @@ def _fresh(tree):
     return jax.tree_util.tree_map(jnp.copy, tree)
 
 
-def measure(workload: Workload, method: str, batch_size: int, *, steps: int = 20, warmup: int = 2) -> dict:
+def measure(workload: Workload, method: str, batch_size: int, *, steps: int = 20, warmup: int = 2,
+            keep_fraction: Optional[float] = None) -> dict:
     """Compile, warm up and time ``steps`` steps of ``method``; one result row.
 
     ``examples_per_s`` is ``batch_size / median step time``. On an error (out
@@ -178,7 +183,7 @@ def measure(workload: Workload, method: str, batch_size: int, *, steps: int = 20
            "batch": batch_size, "method": method, "label": LABELS.get(method, method),
            "num_params": workload.num_params, "steps": steps, "warmup": warmup}
     try:
-        init, step = make_step(method, workload.loss_fn, batch_size)
+        init, step = make_step(method, workload.loss_fn, batch_size, keep_fraction)
         params = _fresh(workload.params)
         state = init(params)
         batch = workload.batch(batch_size)

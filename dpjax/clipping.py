@@ -173,6 +173,7 @@ def clipped_grad(
     microbatch_size: Optional[int] = None,
     return_per_example: bool = False,
     method: str = "auto",
+    keep_fraction: Optional[float] = None,
 ) -> Callable[..., ClippedGradient]:
     """Like ``jax.grad``, but returns the sum of per-example clipped gradients.
 
@@ -198,6 +199,13 @@ def clipped_grad(
         gradients with ``jax.vmap``; any model) or ``"fast"`` (ghost norms and book-keeping from layer activations and
         output gradients, see :mod:`dpjax.fast_clipping`; exact, with a
         per-parameter vmap fallback for what it cannot match).
+      keep_fraction: fast path only, a memory/speed knob. A layer whose
+        per-example gradients are formed keeps them for the clipped sum when
+        they take at most this fraction of the memory of its activations;
+        the others get their clipped sum from a second backward pass.
+        ``None``: :data:`dpjax.fast_clipping.KEEP_FRACTION` (0.25); ``0``:
+        least memory; ``float("inf")``: one backward pass, fastest. The result
+        is the same either way.
 
     Returns:
       ``grad_fn(params, batch, *args, mask=None) -> ClippedGradient``. ``mask``
@@ -223,6 +231,9 @@ def clipped_grad(
     validation.check_choice("method", method, set(METHODS))
     if microbatch_size is not None:
         microbatch_size = validation.check_positive_int("microbatch_size", microbatch_size)
+    if keep_fraction is not None:
+        if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float)) or not keep_fraction >= 0:
+            raise ValueError(f"keep_fraction must be a number >= 0 (or inf), got {keep_fraction!r}")
     flat = per_layer_clip_norms is None
 
     def single_example_loss(params, example, *args):
@@ -235,14 +246,17 @@ def clipped_grad(
             )
         return loss
 
+    def fast_engine(params, chunk, args):
+        return fast_clipping.fast_engine(single_example_loss, params, chunk, args, keep_fraction)[:3]
+
     def clip_chunk(params, chunk, chunk_mask, args):
         if method == "vmap":
             losses, sq, weighted_sum = _vmap_engine(single_example_loss, params, chunk, args)
         elif method == "fast":
-            losses, sq, weighted_sum, _ = fast_clipping.fast_engine(single_example_loss, params, chunk, args)
+            losses, sq, weighted_sum = fast_engine(params, chunk, args)
         else:  # auto: the fast engine, or vmap if the model defeats the jaxpr walker
             try:
-                losses, sq, weighted_sum, _ = fast_clipping.fast_engine(single_example_loss, params, chunk, args)
+                losses, sq, weighted_sum = fast_engine(params, chunk, args)
             except Exception as e:  # noqa: BLE001 - any tracing failure: use the always-correct path
                 warnings.warn(f"dpjax fast clipping could not handle this model ({type(e).__name__}: {e}); "
                               "using per-example gradients (method='vmap')", stacklevel=2)

@@ -160,3 +160,13 @@ def test_compile_memory_reports_scratch_without_running(tmp_path, capsys):
     assert all(r["scratch_bytes"] > 0 for r in rows) and rows[0]["scratch_vs_first"] == 1.0
     with pytest.raises(SystemExit):
         compile_memory.main(["--cells", "cnn"])
+
+
+def test_fast_variants_sweeps_keep_fraction(tmp_path):
+    from benchmarks import fast_variants
+
+    assert fast_variants.main(["--size", "tiny", "--batches", "8", "--steps", "2", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "fast_variants.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["keep_fraction"] for r in rows] == [None, 0.0, 0.25, "inf"]
+    assert all(r["status"] == "ok" for r in rows) and all("vs_nonprivate" in r for r in rows[1:])

@@ -88,28 +88,27 @@ def test_anchor_cnn_small():
     (8, 0.0, None),  # instantiated norms, clipped sum recomputed by a second backward pass
     (4, 0.25, (7, 16, 16)),  # 4x4 images: ghost norms (patch Gram) with book-keeping
 ])
-def test_each_conv_strategy_with_masked_and_nan_rows(monkeypatch, hw, keep_fraction, marker):
-    monkeypatch.setattr(fast_clipping, "KEEP_FRACTION", keep_fraction)
+def test_each_conv_strategy_with_masked_and_nan_rows(hw, keep_fraction, marker):
     model = AnchorCNN()
     batch = image_batch(n=7, hw=hw)
     batch["x"] = batch["x"].at[2].set(jnp.nan)
     mask = jnp.array([True, True, True, True, False, True, False])
     params = model.init(jax.random.PRNGKey(0), batch["x"][:1])
     loss_fn = ce_loss(model.apply)
-    slow, fast = compare(loss_fn, params, batch, mask=mask)
+    slow, fast = compare(loss_fn, params, batch, mask=mask, keep_fraction=keep_fraction)
     assert int(fast.num_nonfinite) == 1 and all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(fast.sum))
-    shapes = _all_shapes(dpjax.clipped_grad(loss_fn, l2_clip_norm=1.0, method="fast"), params, batch)
+    grad_fn = dpjax.clipped_grad(loss_fn, l2_clip_norm=1.0, method="fast", keep_fraction=keep_fraction)
+    shapes = _all_shapes(grad_fn, params, batch)
     assert marker is None or marker in shapes
     if keep_fraction == 0.0:
         assert not any(len(s) == 4 and s[:2] == (7, 9) for s in shapes)  # nothing kept per example
 
 
 @pytest.mark.parametrize("keep_fraction", [float("inf"), 0.0])
-def test_long_sequences_and_transposed_convs_instantiate_exactly(monkeypatch, keep_fraction):
+def test_long_sequences_and_transposed_convs_instantiate_exactly(keep_fraction):
     """Dense layers over long sequences (2T² > p·d) and a transposed conv (image
     patches of a dilated input) take instantiated norms; their clipped sums are
     kept per example or recomputed by the second backward pass."""
-    monkeypatch.setattr(fast_clipping, "KEEP_FRACTION", keep_fraction)
 
     class M(nn.Module):
         @nn.compact
@@ -122,7 +121,7 @@ def test_long_sequences_and_transposed_convs_instantiate_exactly(monkeypatch, ke
     batch["x"] = batch["x"].at[1].set(jnp.inf)
     mask = jnp.array([True, True, True, False, True, True])
     params = M().init(jax.random.PRNGKey(3), batch["x"][:1])
-    compare(ce_loss(M().apply), params, batch, mask=mask)
+    compare(ce_loss(M().apply), params, batch, mask=mask, keep_fraction=keep_fraction)
     names = fast_leaves(ce_loss(M().apply), params, batch)
     assert {"['params']['Dense_0']['kernel']", "['params']['ConvTranspose_0']['kernel']"} <= names
 
@@ -336,7 +335,7 @@ def test_cnn_fast_path_forms_per_example_kernel_gradients_only_for_small_layers(
     assert max(int(np.prod(s)) for s in fast_shapes) < b * n_params
 
 
-def test_fast_path_scratch_memory_stays_near_non_private_on_the_anchors_cnn(monkeypatch):
+def test_fast_path_scratch_memory_stays_near_non_private_on_the_anchors_cnn():
     """XLA's scratch (a compile-time number, not a timing) of the clipped gradient
     stays within 1.25x of the non-private gradient's on the ANCHORS CNN (32x32x3,
     convs 32-64-64-128); keeping every layer's per-example gradients instead of
@@ -353,9 +352,14 @@ def test_fast_path_scratch_memory_stays_near_non_private_on_the_anchors_cnn(monk
     non_private = scratch(jax.grad(loss_fn))
     fast = scratch(dpjax.clipped_grad(loss_fn, l2_clip_norm=1.0, method="fast"))
     assert fast <= 1.25 * non_private, (fast, non_private)
-    monkeypatch.setattr(fast_clipping, "KEEP_FRACTION", float("inf"))
-    keep_all = scratch(dpjax.clipped_grad(loss_fn, l2_clip_norm=1.0, method="fast"))
+    keep_all = scratch(dpjax.clipped_grad(loss_fn, l2_clip_norm=1.0, method="fast", keep_fraction=float("inf")))
     assert keep_all > 1.25 * non_private, (keep_all, non_private)
+
+
+@pytest.mark.parametrize("bad", [-0.1, "0.25", True, float("nan")])
+def test_bad_keep_fraction_is_refused(bad):
+    with pytest.raises(ValueError, match="keep_fraction"):
+        dpjax.clipped_grad(lambda p, b: 0.0, l2_clip_norm=1.0, keep_fraction=bad)
 
 
 def test_unknown_method_is_refused():
