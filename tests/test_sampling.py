@@ -184,7 +184,7 @@ def test_tiny_dataset():
 @pytest.mark.parametrize("n,b", [(1797, 256), (60000, 256), (50, 10), (10, 5), (10, 1)])
 def test_default_ladder_shape(n, b):
     ladder = default_bucket_sizes(n, b / n)
-    assert 1 <= len(ladder) <= 8
+    assert 1 <= len(ladder) <= 9
     assert list(ladder) == sorted(set(ladder))
     assert all(x % 8 == 0 or x == n for x in ladder)
     assert max(ladder) <= n
@@ -194,10 +194,18 @@ def test_default_ladder_shape(n, b):
 
 
 def test_default_ladder_values():
-    assert default_bucket_sizes(1797, 256 / 1797) == (248, 256, 272, 288, 304, 336)
-    assert default_bucket_sizes(60000, 256 / 60000) == (248, 256, 272, 288, 304, 336)
+    assert default_bucket_sizes(1797, 256 / 1797) == (248, 256, 264, 272, 280, 288, 304, 336)
+    assert default_bucket_sizes(60000, 256 / 60000) == (248, 256, 264, 272, 280, 288, 304, 336)
+    assert default_bucket_sizes(51200, 1024 / 51200) == (1000, 1016, 1024, 1040, 1056, 1072, 1088, 1120, 1184)
     s = PoissonSampler(1797, expected_batch_size=256, seed=0)
-    assert s.bucket_sizes == (248, 256, 272, 288, 304, 336)
+    assert s.bucket_sizes == (248, 256, 264, 272, 280, 288, 304, 336)
+
+
+def test_default_ladder_pads_large_batches_by_about_one_percent():
+    """Mean padded size over many draws: within 1.2% of E[B] at E[B] = 1024."""
+    s = PoissonSampler(51200, expected_batch_size=1024, seed=3)
+    padded = [s.sample().bucket_size for _ in range(3000)]
+    assert 1.0 < np.mean(padded) / 1024 < 1.012
 
 
 def test_shapes_stay_in_initial_ladder():
