@@ -1,4 +1,4 @@
-"""Per-example gradient norms and the clipped sum without per-example gradients.
+"""Per-example gradient norms and the clipped sum without the model's per-example gradients.
 
 The engine works on the jaxpr of the single-example loss, so it needs no layer
 registry and sees Flax Linen and NNX models alike (both lower to the same
