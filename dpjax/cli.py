@@ -221,6 +221,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--seed", type=int, default=0,
                      help="seed for initialisation, sampling and noise (default 0, for a "
                           "reproducible demo; a real release should keep its seed secret)")
+    speed = parser.add_argument_group("speed and memory (same result either way)")
+    speed.add_argument("--clipping-method", choices=("auto", "fast", "vmap"), default="auto",
+                       help="per-example clipping engine (default auto: fast, vmap if the model defeats it)")
+    speed.add_argument("--microbatch-size", type=int, default=None, metavar="N",
+                       help="clip N examples at a time to bound memory")
+    speed.add_argument("--keep-fraction", type=float, default=None, metavar="F",
+                       help="fast path: keep a layer's per-example gradients when they are at most F times "
+                            "its activations (default 0.25; 0: least memory; inf: one backward pass)")
     run = parser.add_argument_group("run")
     run.add_argument("--checkpoint-dir", default=None, help="write orbax checkpoints here")
     run.add_argument("--checkpoint-every", type=int, default=50, metavar="STEPS",

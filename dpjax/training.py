@@ -164,6 +164,8 @@ def fit(
     seed: Optional[int] = 0,
     accountant: str = "rdp",
     microbatch_size: Optional[int] = None,
+    clipping_method: str = "auto",
+    keep_fraction: Optional[float] = None,
     checkpoint_dir: Optional[str] = None,
     checkpoint_every: int = 50,
     resume: bool = False,
@@ -197,6 +199,9 @@ def fit(
       loss: ``loss(logits, labels) -> scalar`` (mean over the batch).
       seed: one int that fixes initialisation, sampling and noise (keep it
         secret for a real release), or None to draw them from the OS.
+      microbatch_size / clipping_method / keep_fraction: passed to
+        :func:`dpjax.clipped_grad` (``microbatch_size``, ``method``,
+        ``keep_fraction``): memory and speed only, the result is the same.
       checkpoint_dir / checkpoint_every / resume: orbax checkpoints every N
         steps and at the end; ``resume=True`` continues from the latest.
       progress: show a progress bar (tqdm); ``False`` for logs.
@@ -308,7 +313,7 @@ def fit(
         return loss(apply_fn(p, batch["x"]), batch["y"])
 
     grad_fn = clipped_grad(batch_loss, l2_clip_norm=l2_clip_norm, microbatch_size=microbatch_size,
-                           return_per_example=True)
+                           method=clipping_method, keep_fraction=keep_fraction, return_per_example=True)
 
     if mesh is None:
 
@@ -455,6 +460,10 @@ def run_cli(args) -> int:
     validation.check_positive("--epochs", args.epochs)
     if args.batch_size is not None:
         validation.check_positive_int("--batch-size", args.batch_size)
+    if args.microbatch_size is not None:
+        validation.check_positive_int("--microbatch-size", args.microbatch_size)
+    if args.keep_fraction is not None and not args.keep_fraction >= 0:
+        raise ValueError(f"--keep-fraction must be >= 0 (or inf), got {args.keep_fraction}")
     if args.resume and not args.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir")
     data = datasets.load_npz(args.data) if args.data else datasets.load_digits()
@@ -489,6 +498,9 @@ def _fit_for_cli(model, data, args) -> TrainResult:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         progress=not args.quiet,
+        microbatch_size=args.microbatch_size,
+        clipping_method=args.clipping_method,
+        keep_fraction=args.keep_fraction,
     )
 
 

@@ -43,6 +43,19 @@ def test_linen_model_trains(data):
     assert "Poisson" in r.statement
 
 
+def test_clipping_engine_settings_do_not_change_training(data):
+    """vmap, fast with every keep_fraction, and microbatching train the same model."""
+    kw = dict(FAST, epochs=1, seed=3, target_epsilon=8.0)
+    ref = dpjax.fit(MLP(), data, clipping_method="vmap", **kw)
+    for extra in (dict(clipping_method="fast", keep_fraction=0.0), dict(keep_fraction=float("inf")),
+                  dict(microbatch_size=64)):
+        other = dpjax.fit(MLP(), data, **extra, **kw)
+        for a, b in zip(jax.tree_util.tree_leaves(ref.params), jax.tree_util.tree_leaves(other.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+    with pytest.raises(ValueError, match="method"):
+        dpjax.fit(MLP(), data, clipping_method="ghostly", **kw)
+
+
 def test_nnx_model_trains(data):
     model = NnxMLP(64, rngs=nnx.Rngs(0))
     r = dpjax.fit(model, data, target_epsilon=8.0, **FAST)
@@ -182,6 +195,8 @@ def test_cli_user_data(tmp_path, capsys):
         (["--epsilon", "-2"], "--epsilon must be > 0"),
         (["--delta", "1.5"], "--delta"),
         (["--data", "/no/such/file.npz"], "not found"),
+        (["--microbatch-size", "0"], "--microbatch-size"),
+        (["--keep-fraction", "-1"], "--keep-fraction"),
     ],
 )
 def test_cli_bad_input_is_clear_and_nonzero(argv, message, capsys, tmp_path):
