@@ -33,6 +33,7 @@ KERNEL_NAME = "python3"
 # have to run without errors.
 EXPECTED = {
     "quickstart.ipynb": {"min_private_accuracy": 0.75, "max_epsilon": 3.0},
+    "fast_clipping.ipynb": {"max_relative_difference": 1e-5, "max_scratch_ratio": 1.25},
 }
 
 # Inserted as the first cell of the in-memory copy: reports which Python runs the kernel.
@@ -120,6 +121,12 @@ def test_notebook_executes(path, tmp_path):
     if expected is None:
         return
     text = "\n".join(_text(cell) for cell in nb.cells[1:] if cell.cell_type == "code")
+    if "max_relative_difference" in expected:
+        diff = _last_float(r"^max relative difference fast vs vmap: ([0-9.eE+-]+)\s*$", text, "fast vs vmap")
+        ratio = _last_float(r"^scratch ratio fast default: ([0-9.eE+-]+)\s*$", text, "scratch ratio")
+        assert diff <= expected["max_relative_difference"], text
+        assert 0 < ratio <= expected["max_scratch_ratio"], text
+        return
     accuracy = _last_float(r"^private test accuracy: ([0-9.eE+-]+)\s*$", text, "private accuracy")
     epsilon = _last_float(r"^epsilon: ([0-9.eE+-]+)\s*$", text, "epsilon")
     assert accuracy > expected["min_private_accuracy"], text
