@@ -196,6 +196,28 @@ def check_equivalence(mesh4):
     return out
 
 
+def check_fast_conv_paths(mesh4):
+    """A small CNN on 4 devices: every fast convolution strategy (scan over kernel
+    offsets, second backward pass) inside shard_map gives the single-device sum,
+    with padded and NaN rows."""
+    model = dpjax.models.ConvNet(widths=(4, 8, 8, 16))
+    data, _ = digits(16)
+    batch = {"x": jnp.asarray(data["x"]).reshape(16, 8, 8, 1), "y": jnp.asarray(data["y"])}
+    batch["x"] = batch["x"].at[5].set(jnp.nan)
+    mask = jnp.arange(16) < 14
+    loss = loss_of(model)
+    params = model.init(jax.random.PRNGKey(0), batch["x"][:1])
+    out = {}
+    for keep_fraction in (0.0, float("inf")):
+        grad_fn = dpjax.clipped_grad(loss, l2_clip_norm=1.0, method="fast", keep_fraction=keep_fraction)
+        one = jax.jit(grad_fn)(params, batch, mask=mask)
+        four = jax.jit(parallel.sharded_clipped_grad(grad_fn, mesh4))(
+            params, parallel.shard_batch(batch, mesh4), mask=parallel.shard_batch(mask, mesh4))
+        out[str(keep_fraction)] = dict(diff=max_diff(one.sum, four.sum), nonfinite=int(four.num_nonfinite),
+                                       num_examples=int(four.num_examples))
+    return out
+
+
 def check_noise_once(mesh4):
     """Zero clipped sums: the update is pure noise / E[B]; its variance tells how often it was added."""
     sigma, clip, ebs, steps = 2.0, 0.5, 8.0, 5
@@ -277,7 +299,8 @@ def run_checks(out_path):
     _imports()
     mesh4 = parallel.data_mesh()
     results = {"device_count": jax.device_count()}
-    for name, fn in (("equivalence", check_equivalence), ("noise_once", check_noise_once),
+    for name, fn in (("equivalence", check_equivalence), ("fast_conv", check_fast_conv_paths),
+                     ("noise_once", check_noise_once),
                      ("fit", check_fit),
                      ("multihost_reference", check_multihost_reference)):
         t = time.perf_counter()

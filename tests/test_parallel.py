@@ -136,6 +136,16 @@ def test_data_parallel_step_equals_single_device_step(checks, config):
     assert r["num_examples"] == 50  # padding rows are not counted
 
 
+def test_fast_conv_strategies_under_shard_map(checks):
+    """Kept and recomputed conv gradients (scan over offsets, second backward pass)
+    give the single-device clipped sum on 4 devices; NaN and padded rows drop out."""
+    for keep_fraction, r in _result(checks, "fast_conv").items():
+        if keep_fraction == "seconds":
+            continue
+        assert r["diff"] <= 1e-5, (keep_fraction, r)
+        assert r["nonfinite"] == 1 and r["num_examples"] == 14
+
+
 def test_per_example_norms_stay_per_example(checks):
     """Each device clips its own examples: a shard_map with varying-axes checking
     on would psum per-example gradients across devices and break clipping."""
