@@ -83,19 +83,24 @@ def test_anchor_cnn_small():
     assert {n for n in leaf_names(params) if "kernel" in n} <= fast_leaves(loss_fn, params, batch)
 
 
-@pytest.mark.parametrize("hw, keep_fraction, marker", [
-    (8, float("inf"), (7, 9, 3, 8)),  # instantiated norms, per-example kernel gradients kept
-    (8, 0.0, None),  # instantiated norms, clipped sum recomputed by a second backward pass
-    (4, 0.25, (7, 16, 16)),  # 4x4 images: ghost norms (patch Gram) with book-keeping
+@pytest.mark.parametrize("hw, keep_fraction, marker, extra", [
+    # instantiated norms, per-example kernel gradients kept
+    (8, float("inf"), (7, 9, 3, 8), {}),
+    # instantiated norms, clipped sum recomputed by a second backward pass; microbatched
+    (8, 0.0, None, {"microbatch_size": 3}),
+    # 4x4 images: ghost norms (patch Gram) with book-keeping; per-layer clipping
+    (4, 0.25, (7, 16, 16), {"l2_clip_norm": None,
+                            "per_layer_clip_norms": {"params": {f"Conv_{i}": 0.1 * (i + 1) for i in range(4)}
+                                                     | {"Dense_0": 0.2}}}),
 ])
-def test_each_conv_strategy_with_masked_and_nan_rows(hw, keep_fraction, marker):
+def test_each_conv_strategy_with_masked_and_nan_rows(hw, keep_fraction, marker, extra):
     model = AnchorCNN()
     batch = image_batch(n=7, hw=hw)
     batch["x"] = batch["x"].at[2].set(jnp.nan)
     mask = jnp.array([True, True, True, True, False, True, False])
     params = model.init(jax.random.PRNGKey(0), batch["x"][:1])
     loss_fn = ce_loss(model.apply)
-    slow, fast = compare(loss_fn, params, batch, mask=mask, keep_fraction=keep_fraction)
+    slow, fast = compare(loss_fn, params, batch, mask=mask, keep_fraction=keep_fraction, **extra)
     assert int(fast.num_nonfinite) == 1 and all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(fast.sum))
     grad_fn = dpjax.clipped_grad(loss_fn, l2_clip_norm=1.0, method="fast", keep_fraction=keep_fraction)
     shapes = _all_shapes(grad_fn, params, batch)
