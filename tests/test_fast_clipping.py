@@ -94,7 +94,18 @@ def test_anchor_cnn_small():
                                                      | {"Dense_0": 0.2}}}),
 ])
 def test_each_conv_strategy_with_masked_and_nan_rows(hw, keep_fraction, marker, extra):
-    model = AnchorCNN()
+    # tanh, not ReLU: ReLU's backward turns a NaN example's output gradients into
+    # zeros, which would hide a missing row selection on G.
+    class TanhCNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i, w in enumerate((8, 16, 16, 32)):
+                x = nn.tanh(nn.Conv(w, (3, 3))(x))
+                if i % 2 == 1:
+                    x = nn.avg_pool(x, (2, 2), (2, 2))
+            return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+    model = TanhCNN()
     batch = image_batch(n=7, hw=hw)
     batch["x"] = batch["x"].at[2].set(jnp.nan)
     mask = jnp.array([True, True, True, True, False, True, False])
@@ -336,6 +347,8 @@ def test_cnn_fast_path_forms_per_example_kernel_gradients_only_for_small_layers(
         assert per_example_layouts(k) & vmap_shapes  # the check can see them when they are there
         assert not per_example_layouts(k) & fast_shapes, k
     assert (b, 9, 3, 16) in fast_shapes  # the kept layer, batch-first per offset
+    # Image patches exist only for a slice of the batch at a time, never for all b examples.
+    assert not any(len(s) == 3 and s[0] == b and s[2] == 9 * k[2] for k in convs for s in fast_shapes)
     assert (b, n_params) not in fast_shapes
     assert max(int(np.prod(s)) for s in fast_shapes) < b * n_params
 
