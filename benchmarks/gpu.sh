@@ -29,8 +29,8 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false          # grow on demand: peak memor
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
-BUDGET_S=${BENCH_BUDGET_S:-310}    # no new task starts after this (the run itself stops tasks at it)
-HARD_S=${BENCH_HARD_S:-350}        # outer limit of the run; the report is rendered afterwards
+BUDGET_S=${BENCH_BUDGET_S:-285}    # no new task starts after this (the run itself stops tasks at it)
+HARD_S=${BENCH_HARD_S:-325}        # outer limit of the run; the report is rendered afterwards
 RESULTS=${BENCH_OUT:-benchmarks/results}   # parent of the <device-label>/ folder
 LOG=${OUT:-/tmp}/gpu.log
 : > "$LOG"
@@ -95,5 +95,10 @@ say "fast_variants: keep_fraction sweep, CNN batch 1024"
 timeout -k 5 60 $PY -m benchmarks.fast_variants --batches 1024 --steps 10 --out "$RESULTS/$LABEL" 2>&1 | tee -a "$LOG" \
   || say "fast_variants failed"
 [ -n "${OUT:-}" ] && cp "$RESULTS/$LABEL"/fast_variants.json "$OUT"/ 2>/dev/null
+# Fast vs vmap at the GPU's default (TF32) matmul precision and at "highest".
+say "precision_check"
+timeout -k 5 40 $PY -m benchmarks.precision_check --out "$RESULTS/$LABEL" 2>&1 | tee -a "$LOG" \
+  || say "precision_check failed"
+[ -n "${OUT:-}" ] && cp "$RESULTS/$LABEL"/precision_check.json "$OUT"/ 2>/dev/null
 say "done"
 exit "$rc"

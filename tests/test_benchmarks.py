@@ -170,3 +170,14 @@ def test_fast_variants_sweeps_keep_fraction(tmp_path):
         rows = json.load(f)["rows"]
     assert [r["keep_fraction"] for r in rows] == [None, 0.0, 0.25, "inf"]
     assert all(r["status"] == "ok" for r in rows) and all("vs_nonprivate" in r for r in rows[1:])
+
+
+def test_precision_check_compares_fast_and_vmap(tmp_path):
+    from benchmarks import precision_check
+
+    assert precision_check.main(["--size", "tiny", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "precision_check.json") as f:
+        rows = json.load(f)["rows"]
+    assert {(r["model"], r["precision"]) for r in rows} == {
+        (m, p) for m in ("cnn", "transformer") for p in ("default", "highest")}
+    assert all(r["max_rel_norm_diff"] < 1e-4 for r in rows)  # float32 on the CPU
