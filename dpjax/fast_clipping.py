@@ -337,12 +337,18 @@ def _conv_chunked(m: MatchedOp, act, g, mode: str, factor=None, keep=None, acc_d
     def to_weight(kco):  # (K·C, O) -> (spatial..., C, O) -> the kernel's layout
         return jnp.transpose(kco.reshape(ksize + [c_in, c_out]), np.argsort(kernel_order))
 
-    chunk = -(-bsz // (2 * num))
+    # A chunk size that divides B makes the chunking a free reshape; padding the
+    # batch (a copy of the activations) only when no divisor is near the target.
+    target = -(-bsz // (2 * num))
+    chunk = max(d for d in range(1, target + 1) if bsz % d == 0)
+    if 2 * chunk < target:
+        chunk = target
     n_chunks = -(-bsz // chunk)
     padded = n_chunks * chunk
 
-    def chunked(x):  # (B, ...) -> (n_chunks, chunk, ...), zero rows appended
-        x = jnp.pad(x, [(0, padded - bsz)] + [(0, 0)] * (x.ndim - 1))
+    def chunked(x):  # (B, ...) -> (n_chunks, chunk, ...), zero rows appended if needed
+        if padded != bsz:
+            x = jnp.pad(x, [(0, padded - bsz)] + [(0, 0)] * (x.ndim - 1))
         return x.reshape((n_chunks, chunk) + x.shape[1:])
 
     def patches(x):  # (chunk, N, padded spatial..., C) -> (chunk, T, K·C)
@@ -357,8 +363,7 @@ def _conv_chunked(m: MatchedOp, act, g, mode: str, factor=None, keep=None, acc_d
 
     if mode == "sum":
         c = jnp.where(keep, factor, 0).astype(dtype)
-        k_rows = jnp.pad(keep, (0, padded - bsz)).reshape(n_chunks, chunk)
-        c_rows = jnp.pad(c, (0, padded - bsz)).reshape(n_chunks, chunk)
+        k_rows, c_rows = chunked(keep), chunked(c)
 
         def add_sum(total, x):
             # Row selection and scaling where XLA fuses them into the product's operands.
