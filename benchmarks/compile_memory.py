@@ -13,8 +13,6 @@ numbers come from ``benchmarks/gpu.sh``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
@@ -60,13 +58,7 @@ def main(argv=None) -> int:
             print(f"{model:12s} b={batch:>5s} {method:16s} scratch {row['scratch_bytes'] / 2**20:9.1f} MiB  "
                   f"÷ {methods[0]} {row['scratch_vs_first']:.2f}  (compile {row['compile_s']:.1f} s)", flush=True)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "compile_memory.json")
-        with open(path, "w") as f:
-            json.dump({"device": environment.device_info(), "versions": environment.versions(),
-                       "command": "python -m benchmarks.compile_memory " + " ".join(argv or sys.argv[1:]),
-                       "rows": rows}, f, indent=1)
-        print(f"wrote {path}")
+        print(f"wrote {environment.write_rows(args.out, 'benchmarks.compile_memory', argv, rows)}")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -90,6 +91,17 @@ def versions() -> dict:
     except Exception:  # noqa: BLE001
         pass
     return v
+
+
+def write_rows(out_dir: str, module: str, argv, rows: list) -> str:
+    """Write ``<out_dir>/<last part of module>.json``: device, versions, the command
+    (``python -m module argv...``) and ``rows``; returns the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, module.rsplit(".", 1)[-1] + ".json")
+    with open(path, "w") as f:
+        json.dump({"device": device_info(), "versions": versions(),
+                   "command": f"python -m {module} " + " ".join(argv or sys.argv[1:]), "rows": rows}, f, indent=1)
+    return path
 
 
 def host_info() -> dict:

@@ -14,8 +14,6 @@ run, timed like the main suite (:func:`benchmarks.jax_methods.measure`).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 from benchmarks import environment, jax_methods, workloads
@@ -51,13 +49,7 @@ def main(argv=None) -> int:
                      f"scratch {row.get('scratch_vs_nonprivate', float('nan')):.2f}x"
                      if row["status"] == "ok" else row.get("error", "error")), flush=True)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "fast_variants.json")
-        with open(path, "w") as f:
-            json.dump({"device": environment.device_info(), "versions": environment.versions(),
-                       "command": "python -m benchmarks.fast_variants " + " ".join(argv or sys.argv[1:]),
-                       "rows": rows}, f, indent=1)
-        print(f"wrote {path}")
+        print(f"wrote {environment.write_rows(args.out, 'benchmarks.fast_variants', argv, rows)}")
     return 0
 
 

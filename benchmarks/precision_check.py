@@ -16,8 +16,6 @@ matmul precision and at ``"highest"``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 import jax
@@ -62,13 +60,7 @@ def main(argv=None) -> int:
             print(f"{model:12s} precision={precision:8s} max relative difference fast vs vmap: "
                   f"norms {row['max_rel_norm_diff']:.2e}, clipped sums {row['max_rel_sum_diff']:.2e}", flush=True)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "precision_check.json")
-        with open(path, "w") as f:
-            json.dump({"device": environment.device_info(), "versions": environment.versions(),
-                       "command": "python -m benchmarks.precision_check " + " ".join(argv or sys.argv[1:]),
-                       "rows": rows}, f, indent=1)
-        print(f"wrote {path}")
+        print(f"wrote {environment.write_rows(args.out, 'benchmarks.precision_check', argv, rows)}")
     return 0
 
 
