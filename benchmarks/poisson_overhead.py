@@ -5,8 +5,8 @@ dataset held on the device; the step gathers its examples by index inside
 ``jit``. Per step and inside the clock: draw the batch on the host
 (``PoissonSampler.sample()`` or ``FixedSizeSampler.sample()``), run the step,
 ``jax.block_until_ready``. The Poisson step takes the padded indices and the
-mask (``grad_fn(..., mask=batch.mask)``); the fixed step takes exactly E[B]
-indices and no mask.
+mask and provenance stamp (a ``dpjax.SampledBatch``, checked by ``privatize``);
+the fixed step takes exactly E[B] indices, an all-true mask and its stamp.
 
 Before the clock the step is compiled for the fixed size and for every bucket
 of the Poisson ladder (one call each). Recompiles after that are counted with
@@ -50,6 +50,10 @@ def _listen_for_compiles() -> None:
     _listening[0] = True
 
 
+def _fresh(tree):
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
 def _cache_size(fn):
     try:
         return int(fn._cache_size())
@@ -78,12 +82,16 @@ def measure(workload: Workload, expected_batch: int, *, num_examples: int, metho
         def gather(d, idx):
             return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), d)
 
-        def step_poisson(p, s, d, idx, mask):
-            u, s = tx_p.update(grad_fn(p, gather(d, idx), mask=mask), s, p)
+        # The rows are gathered on the device inside the step; the batch's mask and
+        # provenance stamp travel with them, as Batch.take would pack them.
+        def step_poisson(p, s, d, idx, mask, stamp):
+            batch = dpjax.SampledBatch(data=gather(d, idx), mask=mask, provenance=stamp)
+            u, s = tx_p.update(grad_fn(p, batch), s, p)
             return optax.apply_updates(p, u), s
 
-        def step_fixed(p, s, d, idx):
-            u, s = tx_f.update(grad_fn(p, gather(d, idx)), s, p)
+        def step_fixed(p, s, d, idx, mask, stamp):
+            batch = dpjax.SampledBatch(data=gather(d, idx), mask=mask, provenance=stamp)
+            u, s = tx_f.update(grad_fn(p, batch), s, p)
             return optax.apply_updates(p, u), s
 
         jp = jax.jit(step_poisson, donate_argnums=(0, 1))
@@ -95,11 +103,16 @@ def measure(workload: Workload, expected_batch: int, *, num_examples: int, metho
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
             # Warm-up (outside the clock): one call per shape the loops can meet.
+            # Each warm-up call gets a throwaway state, so the ledgers of the timed
+            # states stay in step with the samplers.
             t0 = time.perf_counter()
-            pf, sf = jf(pf, sf, data, fixed.batch_at(10**9).indices)
+            first = fixed.batch_at(0)
+            jax.block_until_ready(jf(_fresh(pf), tx_f.init(pf), data, first.indices,
+                                     first.mask, first.provenance()))
             for b in poisson.bucket_sizes:
-                pp, sp = jp(pp, sp, data, np.zeros(b, np.int32), np.zeros(b, bool))
-            jax.block_until_ready((pp, sp, pf, sf))
+                stamp = poisson.batch_at(0).provenance()
+                jax.block_until_ready(jp(_fresh(pp), tx_p.init(pp), data, np.zeros(b, np.int32),
+                                         np.zeros(b, bool), stamp))
             row["warmup_compile_s"] = time.perf_counter() - t0
             row["bucket_sizes"] = list(poisson.bucket_sizes)
             compiles0, cache0 = _compiles[0], _cache_size(jp)
@@ -109,14 +122,14 @@ def measure(workload: Workload, expected_batch: int, *, num_examples: int, metho
                 for _ in range(block_steps):
                     t = time.perf_counter()
                     batch = fixed.sample()
-                    pf, sf = jf(pf, sf, data, batch.indices)
+                    pf, sf = jf(pf, sf, data, batch.indices, batch.mask, batch.provenance())
                     jax.block_until_ready((pf, sf))
                     tf.append(time.perf_counter() - t)
                 for _ in range(block_steps):
                     t = time.perf_counter()
                     batch = poisson.sample()
                     t_s = time.perf_counter()
-                    pp, sp = jp(pp, sp, data, batch.indices, batch.mask)
+                    pp, sp = jp(pp, sp, data, batch.indices, batch.mask, batch.provenance())
                     jax.block_until_ready((pp, sp))
                     tp.append(time.perf_counter() - t)
                     sample_s.append(t_s - t)

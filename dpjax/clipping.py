@@ -31,7 +31,11 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from flax import nnx
+
 from dpjax import fast_clipping, validation
+from dpjax.provenance import Provenance
+from dpjax.sampling import Batch, SampledBatch
 
 PyTree = Any
 
@@ -55,6 +59,9 @@ class ClippedGradient:
         **Not private**.
       per_example_norm: ``(batch,)`` global L2 norms before clipping, only with
         ``return_per_example``. **Not private**.
+      provenance: the :class:`~dpjax.sampling.Provenance` stamp of the batch
+        when it was a :class:`~dpjax.SampledBatch` (``None`` for a plain
+        batch); :func:`dpjax.privatize` checks it against its ledger.
     """
 
     sensitivity: float = struct.field(pytree_node=False)
@@ -63,6 +70,37 @@ class ClippedGradient:
     num_nonfinite: jax.Array
     per_example_loss: Optional[jax.Array] = None
     per_example_norm: Optional[jax.Array] = None
+    provenance: Optional[Provenance] = None
+
+
+def _unpack_batch(batch, mask):
+    """(rows, mask or None, provenance or None) of a SampledBatch or a plain batch."""
+    if isinstance(batch, Batch):
+        raise TypeError(
+            "clipped_grad got a dpjax.Batch (indices, not rows); pass its rows with their mask and "
+            "provenance: grad_fn(params, batch.take(data)) (or batch.attach(rows) for rows you read yourself)"
+        )
+    if not isinstance(batch, SampledBatch):
+        return batch, mask, None
+    if mask is not None:
+        raise ValueError(
+            "the batch is a dpjax.SampledBatch, which carries its own padding mask; drop mask= "
+            "(two masks could disagree)"
+        )
+    return batch.data, batch.mask, batch.provenance
+
+
+def _as_params(params):
+    """(differentiable params, rebuild) for a pytree of parameters or an NNX module.
+
+    An ``nnx.Module`` is split into its ``nnx.Param`` state (what is clipped and
+    returned) and the rest (held fixed); ``rebuild(p)`` merges them back into a
+    module for ``loss_fn``. Any other pytree is used as it is.
+    """
+    if isinstance(params, nnx.Module):
+        graphdef, state, rest = nnx.split(params, nnx.Param, ...)
+        return state, lambda p: nnx.merge(graphdef, p, rest)
+    return params, None
 
 
 def _batch_size(batch: PyTree) -> int:
@@ -162,6 +200,22 @@ def _leaf_groups(per_layer_clip_norms, params):
     return jax.tree_util.tree_leaves(per_leaf), [float(c) for c in norms]
 
 
+def _single_example_loss(loss_fn, rebuild):
+    """``loss_fn`` on one example (given a batch axis of 1), checked to be a scalar."""
+
+    def single_example_loss(params, example, *args):
+        one = jax.tree_util.tree_map(lambda x: jnp.expand_dims(x, 0), example)
+        loss = loss_fn(params if rebuild is None else rebuild(params), one, *args)
+        if jnp.shape(loss) != ():
+            raise TypeError(
+                "loss_fn must return a scalar (the mean loss over the batch); "
+                f"got shape {jnp.shape(loss)}"
+            )
+        return loss
+
+    return single_example_loss
+
+
 METHODS = ("auto", "vmap", "fast")
 
 
@@ -208,9 +262,16 @@ def clipped_grad(
         is the same either way.
 
     Returns:
-      ``grad_fn(params, batch, *args, mask=None) -> ClippedGradient``. ``mask``
-      is a boolean ``(batch,)`` vector, ``True`` for real examples; masked
-      examples contribute exactly zero. ``grad_fn`` can be ``jax.jit``-ed.
+      ``grad_fn(params, batch, *args, mask=None) -> ClippedGradient``.
+      ``batch`` is either a :class:`~dpjax.SampledBatch` from a dpjax sampler
+      (``sampler.sample().take(data)``: its padding mask is applied and its
+      provenance stamp is copied into the result, which
+      :func:`dpjax.privatize` requires), or a plain pytree of arrays, with an
+      optional boolean ``(batch,)`` ``mask`` (``True`` for real examples).
+      Masked examples contribute exactly zero. ``params`` may also be an
+      ``nnx.Module``: its ``nnx.Param`` state is clipped and returned (as an
+      ``nnx.State``) and ``loss_fn`` receives the module. ``grad_fn`` can be
+      ``jax.jit``-ed.
 
     Example:
 
@@ -236,31 +297,21 @@ def clipped_grad(
             raise ValueError(f"keep_fraction must be a number >= 0 (or inf), got {keep_fraction!r}")
     flat = per_layer_clip_norms is None
 
-    def single_example_loss(params, example, *args):
-        one = jax.tree_util.tree_map(lambda x: jnp.expand_dims(x, 0), example)
-        loss = loss_fn(params, one, *args)
-        if jnp.shape(loss) != ():
-            raise TypeError(
-                "loss_fn must return a scalar (the mean loss over the batch); "
-                f"got shape {jnp.shape(loss)}"
-            )
-        return loss
+    def fast_engine(example_loss, params, chunk, args):
+        return fast_clipping.fast_engine(example_loss, params, chunk, args, keep_fraction)[:3]
 
-    def fast_engine(params, chunk, args):
-        return fast_clipping.fast_engine(single_example_loss, params, chunk, args, keep_fraction)[:3]
-
-    def clip_chunk(params, chunk, chunk_mask, args):
+    def clip_chunk(example_loss, params, chunk, chunk_mask, args):
         if method == "vmap":
-            losses, sq, weighted_sum = _vmap_engine(single_example_loss, params, chunk, args)
+            losses, sq, weighted_sum = _vmap_engine(example_loss, params, chunk, args)
         elif method == "fast":
-            losses, sq, weighted_sum = fast_engine(params, chunk, args)
+            losses, sq, weighted_sum = fast_engine(example_loss, params, chunk, args)
         else:  # auto: the fast engine, or vmap if the model defeats the jaxpr walker
             try:
-                losses, sq, weighted_sum = fast_engine(params, chunk, args)
+                losses, sq, weighted_sum = fast_engine(example_loss, params, chunk, args)
             except Exception as e:  # noqa: BLE001 - any tracing failure: use the always-correct path
                 warnings.warn(f"dpjax fast clipping could not handle this model ({type(e).__name__}: {e}); "
                               "using per-example gradients (method='vmap')", stacklevel=2)
-                losses, sq, weighted_sum = _vmap_engine(single_example_loss, params, chunk, args)
+                losses, sq, weighted_sum = _vmap_engine(example_loss, params, chunk, args)
         finite = jnp.all(jnp.stack([jnp.isfinite(s) for s in sq]), axis=0)
         norms = jnp.sqrt(sum(sq))
         finite = finite & jnp.isfinite(norms)
@@ -288,6 +339,9 @@ def clipped_grad(
         return summed, counts, losses, norms
 
     def grad_fn(params, batch, *args, mask=None) -> ClippedGradient:
+        batch, mask, provenance = _unpack_batch(batch, mask)
+        params, rebuild = _as_params(params)
+        example_loss = _single_example_loss(loss_fn, rebuild)
         b = _batch_size(batch)
         if mask is None:
             mask = jnp.ones((b,), dtype=bool)
@@ -298,7 +352,7 @@ def clipped_grad(
             mask = mask.astype(bool)
 
         if microbatch_size is None or microbatch_size >= b:
-            summed, (n, bad), losses, norms = clip_chunk(params, batch, mask, args)
+            summed, (n, bad), losses, norms = clip_chunk(example_loss, params, batch, mask, args)
         else:
             n_chunks = -(-b // microbatch_size)
             pad = n_chunks * microbatch_size - b
@@ -322,7 +376,7 @@ def clipped_grad(
             def body(carry, xs):
                 acc, counts = carry
                 chunk, chunk_mask = xs
-                s, c, losses, norms = clip_chunk(params, chunk, chunk_mask, args)
+                s, c, losses, norms = clip_chunk(example_loss, params, chunk, chunk_mask, args)
                 acc = jax.tree_util.tree_map(jnp.add, acc, s)
                 counts = (counts[0] + c[0], counts[1] + c[1])
                 return (acc, counts), (losses, norms)
@@ -340,6 +394,7 @@ def clipped_grad(
             num_nonfinite=bad,
             per_example_loss=losses if return_per_example else None,
             per_example_norm=norms if return_per_example else None,
+            provenance=provenance,
         )
 
     return grad_fn

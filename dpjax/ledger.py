@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from dpjax import accounting
+from dpjax import accounting, provenance
 
 SAMPLING_CODES = {accounting.POISSON: 0, accounting.FIXED_SIZE: 1}
 _SAMPLING_NAMES = {v: k for k, v in SAMPLING_CODES.items()}
@@ -36,6 +36,12 @@ class PrivacyLedger(NamedTuple):
       sampling: int32 code of the sampling scheme (0 Poisson, 1 fixed size).
       max_steps: int32, noisy steps allowed by the budget (-1: no budget).
       refused_steps: int32, steps refused because the budget was spent.
+      verified: int32, 1 when every accepted batch's provenance was checked
+        against this ledger; 0 when ``privatize(trust_unverified_batches=True)``
+        opted out (the privacy statement says so).
+      refused_batches: int32, clipped gradients refused for their provenance.
+      refusal: int32 reasons of the last such refusal
+        (:func:`dpjax.provenance.describe_refusal`), 0 if none.
     """
 
     steps: jax.Array
@@ -45,6 +51,9 @@ class PrivacyLedger(NamedTuple):
     sampling: jax.Array
     max_steps: jax.Array
     refused_steps: jax.Array
+    verified: jax.Array
+    refused_batches: jax.Array
+    refusal: jax.Array
 
 
 def round_to_float32(value: float, direction: float) -> np.float32:
@@ -57,7 +66,8 @@ def round_to_float32(value: float, direction: float) -> np.float32:
     return np.float32(v)
 
 
-def new_ledger(*, noise_multiplier, sampling_rate, dataset_size, sampling, max_steps) -> PrivacyLedger:
+def new_ledger(*, noise_multiplier, sampling_rate, dataset_size, sampling, max_steps,
+               verified: bool = True) -> PrivacyLedger:
     """A ledger with zero steps (host-side, plain numpy arrays)."""
     return PrivacyLedger(
         steps=np.zeros((), np.int32),
@@ -67,16 +77,35 @@ def new_ledger(*, noise_multiplier, sampling_rate, dataset_size, sampling, max_s
         sampling=np.asarray(SAMPLING_CODES[sampling], np.int32),
         max_steps=np.asarray(-1 if max_steps is None else max_steps, np.int32),
         refused_steps=np.zeros((), np.int32),
+        verified=np.asarray(1 if verified else 0, np.int32),
+        refused_batches=np.zeros((), np.int32),
+        refusal=np.zeros((), np.int32),
+    )
+
+
+def _plain_state(opt_state: Any) -> Any:
+    """The optimizer state as plain arrays: an ``nnx.Optimizer`` (or its
+    ``opt_state``) holds it wrapped in NNX variables."""
+    from flax import nnx
+
+    if isinstance(opt_state, nnx.Optimizer):
+        opt_state = opt_state.opt_state
+    return jax.tree_util.tree_map(
+        lambda x: x.get_value() if isinstance(x, nnx.Variable) else x,
+        opt_state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
 
 
 def find_ledger(opt_state: Any) -> PrivacyLedger:
-    """The single :class:`PrivacyLedger` inside an optimizer state.
+    """The single :class:`PrivacyLedger` inside an optimizer state (or an
+    ``nnx.Optimizer``, e.g. :class:`dpjax.nnx.Optimizer`).
 
     Raises:
       ValueError: if there is none (the optimizer is not private) or more than
         one (``privatize`` applied twice, which dpjax cannot account).
     """
+    opt_state = _plain_state(opt_state)
     found = [
         leaf
         for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, PrivacyLedger))
@@ -132,18 +161,39 @@ def epsilon(opt_state: Any, delta: float, *, accountant: str = "rdp") -> float:
 
 def privacy_statement(opt_state: Any, delta: float, *, l2_clip_norm: float | None = None) -> str:
     """A human-readable report of what ``opt_state``'s ledger has spent."""
-    kwargs = _accounting_kwargs(find_ledger(opt_state))
-    return accounting.privacy_statement(delta=delta, l2_clip_norm=l2_clip_norm, **kwargs)
+    ledger = find_ledger(opt_state)
+    text = accounting.privacy_statement(delta=delta, l2_clip_norm=l2_clip_norm, **_accounting_kwargs(ledger))
+    if int(ledger.verified):
+        text += ("\nBatch provenance: verified. Every noisy step used a fresh draw of this sampler, "
+                 "padding masked, noised once (checked by dpjax.privatize).")
+    else:
+        text += ("\nBatch provenance: NOT VERIFIED. privatize(trust_unverified_batches=True) accepted "
+                 "batches that dpjax did not draw; the epsilon above holds only if they were sampled as "
+                 "stated (each step a fresh, independent draw), padding masked, each noised once.")
+    if int(ledger.refused_batches):
+        text += f"\n{int(ledger.refused_batches)} clipped gradient(s) were refused for their provenance (not spent)."
+    return text
 
 
 def check_budget(opt_state: Any) -> None:
-    """Raise :class:`dpjax.accounting.PrivacyBudgetExceeded` if the budget is spent.
+    """Raise if a step was refused: the budget is spent, or a batch's provenance failed.
 
-    Under ``jit`` a step past the budget cannot raise; ``privatize`` then
-    returns zero updates, leaves the ledger's step count unchanged and counts
-    the refusal. Call this between steps of a jitted loop to stop it.
+    Under ``jit`` a step past the budget, or a clipped gradient whose batch the
+    ledger cannot account for, cannot raise; ``privatize`` then returns zero
+    updates, leaves the ledger's step count unchanged and counts the refusal.
+    Call this between steps of a jitted loop to stop it.
+
+    Raises:
+      dpjax.BatchProvenanceError: a batch was refused for its provenance
+        (with the reason and the fix).
+      dpjax.accounting.PrivacyBudgetExceeded: the budget is spent.
     """
     ledger = find_ledger(opt_state)
+    if int(ledger.refused_batches) > 0:
+        raise provenance.BatchProvenanceError(
+            f"{int(ledger.refused_batches)} step(s) were refused inside jit. "
+            + provenance.describe_refusal(int(ledger.refusal)) + " Fix the training loop and start again."
+        )
     max_steps, steps, refused = int(ledger.max_steps), int(ledger.steps), int(ledger.refused_steps)
     if refused > 0 or (max_steps >= 0 and steps >= max_steps):
         raise accounting.PrivacyBudgetExceeded(

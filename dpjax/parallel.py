@@ -65,9 +65,8 @@ Example (one host, every local device)::
     step = dpjax.parallel.make_step(grad_fn, tx, mesh)
     local = sampler.local_slice(data)            # this process's rows of the data
     for _ in range(num_steps):
-        b = sampler.sample()
-        batch, mask = dpjax.parallel.shard_batch((b.take(local), b.mask), mesh)
-        params, opt_state, metrics = step(params, opt_state, batch, mask)
+        batch = dpjax.parallel.shard_batch(sampler.sample().take(local), mesh)
+        params, opt_state, metrics = step(params, opt_state, batch)
 """
 
 from __future__ import annotations
@@ -87,13 +86,13 @@ from dpjax import validation
 from dpjax.clipping import ClippedGradient
 from dpjax.sampling import (
     _BUCKET_MULTIPLE,
-    _LADDER_SDS,
-    _OVERFLOW_GROWTH,
-    Batch,
-    BucketOverflowWarning,
+    SampledBatch,
     _check_bucket_sizes,
     _check_exact_int,
-    _check_seed,
+    _rate_from,
+    _round_up,
+    _Sampler,
+    default_bucket_sizes,
 )
 
 __all__ = [
@@ -219,12 +218,14 @@ def pad_batch(batch: PyTree, mask, multiple: int):
 def shard_batch(batch: PyTree, mesh: Mesh, *, axis: Optional[str] = None) -> PyTree:
     """Place this process's rows of a batch on the mesh, split along ``axis``.
 
-    ``batch`` is any pytree of arrays with a common leading (example) axis,
-    e.g. ``(examples, mask)``. In a single process it is the whole batch; with
-    several processes it is this process's part, and the global array is the
-    processes' parts in process order. The leading dimension must be a multiple
-    of :func:`local_device_count` (see :func:`pad_batch`) and the same in every
-    process.
+    ``batch`` is a :class:`~dpjax.SampledBatch` (``sampler.sample().take(local)``:
+    its rows and mask are split over the devices, its provenance stamp, the same
+    on every process, is replicated), or any pytree of arrays with a common
+    leading (example) axis, e.g. ``(examples, mask)``. In a single process it is
+    the whole batch; with several processes it is this process's part, and the
+    global array is the processes' parts in process order. The leading
+    dimension must be a multiple of :func:`local_device_count` (see
+    :func:`pad_batch`) and the same in every process.
     """
     axis = _axis(mesh, axis)
     sharding = NamedSharding(mesh, P(axis))
@@ -241,6 +242,9 @@ def shard_batch(batch: PyTree, mesh: Mesh, *, axis: Optional[str] = None) -> PyT
             )
         return jax.make_array_from_process_local_data(sharding, x)
 
+    if isinstance(batch, SampledBatch):
+        stamp = None if batch.provenance is None else replicate(batch.provenance, mesh)
+        return SampledBatch(data=jax.tree_util.tree_map(put, batch.data), mask=put(batch.mask), provenance=stamp)
     return jax.tree_util.tree_map(put, batch)
 
 
@@ -269,7 +273,8 @@ def sharded_clipped_grad(grad_fn: Callable[..., ClippedGradient], mesh: Mesh, *,
 
     ``grad_fn`` is a :func:`dpjax.clipped_grad` function. The returned function
     has the same signature, ``(params, batch, *args, mask=...) ->
-    ClippedGradient``, takes a batch sharded along ``axis`` and replicated
+    ClippedGradient``, takes a batch (a :class:`~dpjax.SampledBatch` from
+    :func:`shard_batch`, whose stamp is passed on) sharded along ``axis`` and replicated
     ``params``/``args``, and returns the *global* clipped sum, replicated (one
     ``psum``), with the same sensitivity: each example lives on exactly one
     device. Use it inside ``jax.jit``; pass the result to ``tx.update``
@@ -279,6 +284,11 @@ def sharded_clipped_grad(grad_fn: Callable[..., ClippedGradient], mesh: Mesh, *,
     axis = _axis(mesh, axis)
 
     def wrapped(params, batch, *args, mask=None):
+        stamp = None
+        if isinstance(batch, SampledBatch):
+            if mask is not None:
+                raise ValueError("the batch is a dpjax.SampledBatch, which carries its own padding mask; drop mask=")
+            batch, mask, stamp = batch.data, batch.mask, batch.provenance
         if mask is None:
             mask = jnp.ones((jax.tree_util.tree_leaves(batch)[0].shape[0],), bool)
         meta = {}
@@ -307,7 +317,7 @@ def sharded_clipped_grad(grad_fn: Callable[..., ClippedGradient], mesh: Mesh, *,
         (total, n, bad), (losses, norms) = fn(params, batch, mask, args)
         return ClippedGradient(
             sensitivity=meta["sensitivity"], sum=total, num_examples=n, num_nonfinite=bad,
-            per_example_loss=losses, per_example_norm=norms,
+            per_example_loss=losses, per_example_norm=norms, provenance=stamp,
         )
 
     return wrapped
@@ -331,44 +341,53 @@ def make_step(
       donate: donate ``params`` and ``opt_state`` buffers to the step.
 
     Returns:
-      ``step(params, opt_state, batch, mask, *args) -> (params, opt_state,
-      metrics)``. ``params``/``opt_state``/``args`` replicated
-      (:func:`replicate`), ``batch``/``mask`` sharded (:func:`shard_batch`);
-      outputs replicated. ``metrics`` has ``num_examples``, ``num_nonfinite``
-      and, when ``grad_fn`` returns per-example losses, ``loss`` (their masked
-      mean): diagnostics of the training data, **not private**.
+      ``step(params, opt_state, batch, *args) -> (params, opt_state, metrics)``.
+      ``batch`` is a :class:`~dpjax.SampledBatch` placed by :func:`shard_batch`
+      (rows and mask sharded, provenance replicated); ``params``/``opt_state``/
+      ``args`` replicated (:func:`replicate`); outputs replicated. ``metrics``
+      has ``num_examples``, ``num_nonfinite`` and, when ``grad_fn`` returns
+      per-example losses, ``loss`` (their masked mean): diagnostics of the
+      training data, **not private**.
     """
     axis = _axis(mesh, axis)
     sharded_grad = sharded_clipped_grad(grad_fn, mesh, axis=axis)
     rep = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P(axis))
 
-    def step(params, opt_state, batch, mask, *args):
-        g = sharded_grad(params, batch, *args, mask=mask)
+    def step(params, opt_state, batch, *args):
+        if not isinstance(batch, SampledBatch):
+            raise TypeError(
+                "the data-parallel step takes a dpjax.SampledBatch: "
+                "parallel.shard_batch(sampler.sample().take(sampler.local_slice(data)), mesh)"
+            )
+        g = sharded_grad(params, batch, *args)
         # Outside the shard_map: replicated sum, replicated key -> one noise draw.
         updates, opt_state = tx.update(g, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"num_examples": g.num_examples, "num_nonfinite": g.num_nonfinite}
         if g.per_example_loss is not None:
-            metrics["loss"] = jnp.sum(jnp.where(mask, g.per_example_loss, 0.0)) / jnp.maximum(g.num_examples, 1)
+            metrics["loss"] = jnp.sum(jnp.where(batch.mask, g.per_example_loss, 0.0)) / jnp.maximum(g.num_examples, 1)
         return params, opt_state, metrics
 
-    def jitted(params, opt_state, batch, mask, *args):
-        return _compiled(len(args))(params, opt_state, batch, mask, *args)
+    cache: Dict[tuple, Callable] = {}
 
-    cache: Dict[int, Callable] = {}
-
-    def _compiled(nargs):
-        if nargs not in cache:
-            cache[nargs] = jax.jit(
+    def _compiled(batch, nargs):
+        stamped = isinstance(batch, SampledBatch) and batch.provenance is not None
+        if (stamped, nargs) not in cache:
+            batch_sharding = (SampledBatch(data=data, mask=data, provenance=rep if stamped else None)
+                              if isinstance(batch, SampledBatch) else data)
+            cache[stamped, nargs] = jax.jit(
                 step,
-                in_shardings=(rep, rep, data, data) + (rep,) * nargs,
+                in_shardings=(rep, rep, batch_sharding) + (rep,) * nargs,
                 out_shardings=rep,
                 donate_argnums=(0, 1) if donate else (),
             )
-        return cache[nargs]
+        return cache[stamped, nargs]
 
-    jitted.lower = lambda *a: _compiled(len(a) - 4).lower(*a)
+    def jitted(params, opt_state, batch, *args):
+        return _compiled(batch, len(args))(params, opt_state, batch, *args)
+
+    jitted.lower = lambda *a: _compiled(a[2], len(a) - 3).lower(*a)
     jitted.step_fn = step  # the un-jitted step, for inspection (e.g. jax.make_jaxpr)
     return jitted
 
@@ -376,11 +395,7 @@ def make_step(
 # ------------------------------------------------------------------- sampling
 
 
-def _round_up(x: float, multiple: int) -> int:
-    return int(multiple * math.ceil(x / multiple))
-
-
-class ShardedPoissonSampler:
+class ShardedPoissonSampler(_Sampler):
     """Poisson sampling of the whole data set, drawn shard by shard, one shard per process.
 
     The ``N`` examples are split into ``process_count`` contiguous, disjoint
@@ -414,6 +429,10 @@ class ShardedPoissonSampler:
         comes from a stream of ``(seed, step, p)``, known only to whoever
         holds the seed.
 
+    Everything else (padding, provenance stamps, micro-batches, iteration,
+    ``state_dict``) is :class:`dpjax.PoissonSampler`'s. The stamps carry the
+    global ``N`` and the step, identical on every process.
+
     Args:
       num_examples: ``N``, the size of the *whole* data set.
       process_index, process_count: this process and the number of processes
@@ -433,6 +452,7 @@ class ShardedPoissonSampler:
     """
 
     sampling = "poisson"
+    state_kind = "sharded_poisson"
 
     def __init__(
         self,
@@ -459,27 +479,13 @@ class ShardedPoissonSampler:
                 "process (seed=None would draw a different one in each); draw one on process 0 and "
                 "broadcast it (jax.experimental.multihost_utils.broadcast_one_to_all)"
             )
-        if (expected_batch_size is None) == (sampling_rate is None):
-            raise ValueError(
-                "pass exactly one of expected_batch_size or sampling_rate, got "
-                f"expected_batch_size={expected_batch_size!r}, sampling_rate={sampling_rate!r}"
-            )
-        if expected_batch_size is not None:
-            e = validation.check_positive("expected_batch_size", expected_batch_size)
-            if e > n:
-                raise ValueError(f"expected_batch_size must be in (0, num_examples={n}], got {expected_batch_size!r}")
-            q = e / n
-        else:
-            q = validation.check_rate("sampling_rate", sampling_rate)
-            e = n * q
-        self._num_examples, self._process_index, self._process_count = n, pi, pc
-        self._sampling_rate, self._expected_batch_size = q, e
+        super().__init__(n, seed)
+        self._sampling_rate, self._expected_batch_size = _rate_from(n, expected_batch_size, sampling_rate)
+        self._process_index, self._process_count = pi, pc
         self._devices = validation.check_positive_int("devices_per_process", devices_per_process)
         self._multiple = math.lcm(_BUCKET_MULTIPLE, self._devices)
         self._bounds = np.array([p * n // pc for p in range(pc + 1)], dtype=np.int64)
         self._shard_sizes = np.diff(self._bounds)
-        self._seed = _check_seed(seed)
-        self._step = 0
         self._bucket_sizes = self._default_buckets() if bucket_sizes is None else self._checked(bucket_sizes)
 
     @classmethod
@@ -504,17 +510,19 @@ class ShardedPoissonSampler:
             **kwargs,
         )
 
-    # -- ladder ------------------------------------------------------------------
+    # -- the hooks of the shared sampler ---------------------------------------------
+    @property
+    def _num_rows(self) -> int:
+        return int(self._shard_sizes[self._process_index])
+
     @property
     def _cap(self) -> int:
         return _round_up(int(self._shard_sizes.max()), self._multiple)
 
     def _default_buckets(self) -> tuple:
         # E[k] + k·sd over the largest range; P(max_p k_p > top) stays tiny for few processes.
-        n_max, q = int(self._shard_sizes.max()), self._sampling_rate
-        mean, sd = n_max * q, math.sqrt(n_max * q * (1.0 - q))
-        sizes = {min(self._cap, max(self._multiple, _round_up(mean + k * sd, self._multiple))) for k in _LADDER_SDS}
-        return tuple(sorted(sizes))
+        return default_bucket_sizes(int(self._shard_sizes.max()), self._sampling_rate,
+                                    multiple=self._multiple, cap=self._cap)
 
     def _checked(self, bucket_sizes) -> tuple:
         sizes = _check_bucket_sizes(bucket_sizes)
@@ -523,16 +531,29 @@ class ShardedPoissonSampler:
             raise ValueError(f"bucket_sizes {bad} are not multiples of devices_per_process={self._devices}")
         return sizes
 
+    def _rng(self, step: int, stream: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence(self._seed, spawn_key=(step, stream)))
+
+    def _draw_at(self, step: int) -> tuple:
+        sizes = self.shard_sizes_at(step)
+        p = self._process_index
+        k = int(sizes[p])
+        real = np.sort(self._rng(step, 1 + p).choice(int(self._shard_sizes[p]), size=k, replace=False, shuffle=False))
+        return real.astype(np.int32), int(sizes.max())
+
+    def _extra_state(self) -> dict:
+        return {"process_count": int(self._process_count), "devices_per_process": int(self._devices)}
+
+    def _loaded_buckets(self, state: dict) -> tuple:
+        # With another process or device count the saved ladder is replaced by this
+        # layout's default (the sampling stays Poisson with the same q).
+        if "process_count" not in state:
+            raise ValueError("state is missing keys ['process_count']")
+        same_layout = (int(state["process_count"]) == self._process_count
+                       and int(state.get("devices_per_process", self._devices)) == self._devices)
+        return self._checked(state["bucket_sizes"]) if same_layout else self._default_buckets()
+
     # -- properties ----------------------------------------------------------------
-    @property
-    def num_examples(self) -> int:
-        """``N``: the whole data set (what the accountant uses)."""
-        return self._num_examples
-
-    @property
-    def sampling_rate(self) -> float:
-        return self._sampling_rate
-
     @property
     def expected_batch_size(self) -> float:
         """Global ``E[B] = N q``: the public constant the noisy sum is divided by."""
@@ -547,14 +568,6 @@ class ShardedPoissonSampler:
         return self._process_count
 
     @property
-    def bucket_sizes(self) -> tuple:
-        return self._bucket_sizes
-
-    @property
-    def step(self) -> int:
-        return self._step
-
-    @property
     def shard_range(self) -> tuple:
         """``(start, stop)``: the global indices this process samples from."""
         p = self._process_index
@@ -565,97 +578,10 @@ class ShardedPoissonSampler:
         start, stop = self.shard_range
         return jax.tree_util.tree_map(lambda x: x[start:stop], data)
 
-    # -- drawing -------------------------------------------------------------------
-    def _rng(self, step: int, stream: int) -> np.random.Generator:
-        return np.random.default_rng(np.random.SeedSequence(self._seed, spawn_key=(step, stream)))
-
     def shard_sizes_at(self, step: int) -> np.ndarray:
         """The real-example count of every process's part at ``step`` (the same on every process)."""
         step = _check_exact_int("step", step)
         return self._rng(step, 0).binomial(self._shard_sizes, self._sampling_rate).astype(np.int64)
-
-    def _bucket_for(self, size: int, step: int) -> int:
-        buckets = self._bucket_sizes
-        i = int(np.searchsorted(buckets, size, side="left"))
-        if i < len(buckets):
-            return buckets[i]
-        new = max(_round_up(size, self._multiple), min(self._cap, _round_up(_OVERFLOW_GROWTH * size, self._multiple)))
-        self._bucket_sizes = tuple(sorted(set(buckets) | {new}))
-        warnings.warn(
-            f"ShardedPoissonSampler: at step {step} a process drew {size} examples, more than the largest "
-            f"bucket size {buckets[-1]}; every process adds bucket size {new} (no example dropped). "
-            "The jitted step recompiles once for the new shape.",
-            BucketOverflowWarning,
-            stacklevel=4,
-        )
-        return new
-
-    def batch_at(self, step: int) -> Batch:
-        """This process's part of the batch of ``step`` (local indices, padded to the common bucket)."""
-        sizes = self.shard_sizes_at(step)
-        bucket = self._bucket_for(int(sizes.max()), step)
-        p = self._process_index
-        k = int(sizes[p])
-        real = np.sort(self._rng(step, 1 + p).choice(int(self._shard_sizes[p]), size=k, replace=False, shuffle=False))
-        return Batch.padded(real, bucket, step)
-
-    def sample(self) -> Batch:
-        batch = self.batch_at(self._step)
-        self._step += 1
-        return batch
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            yield self.sample()
-
-    def accounting_kwargs(self) -> dict:
-        return dict(sampling=self.sampling, sampling_rate=self._sampling_rate, dataset_size=self._num_examples)
-
-    # -- checkpointing ---------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Plain-Python state, the same on every process. Contains the secret seed."""
-        return dict(
-            sampling="sharded_poisson",
-            seed=int(self._seed),
-            step=int(self._step),
-            bucket_sizes=[int(b) for b in self._bucket_sizes],
-            num_examples=int(self._num_examples),
-            sampling_rate=float(self._sampling_rate),
-            process_count=int(self._process_count),
-            devices_per_process=int(self._devices),
-        )
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue the saved stream (on any process of the same layout).
-
-        Refuses a state from another kind of sampler, data-set size or rate.
-        With another process or device count the saved ladder is replaced by
-        this layout's default (the sampling stays Poisson with the same ``q``).
-        """
-        if not isinstance(state, dict):
-            raise ValueError(f"state must be a dict from state_dict(), got {type(state).__name__}")
-        missing = {"sampling", "seed", "step", "bucket_sizes", "num_examples", "sampling_rate", "process_count"} - set(state)
-        if missing:
-            raise ValueError(f"state is missing keys {sorted(missing)}")
-        if state["sampling"] != "sharded_poisson":
-            raise ValueError(f"state was saved by a {state['sampling']!r} sampler, this is a ShardedPoissonSampler")
-        if int(state["num_examples"]) != self._num_examples:
-            raise ValueError(
-                f"state num_examples={state['num_examples']!r} does not match num_examples={self._num_examples}"
-            )
-        if not math.isclose(float(state["sampling_rate"]), self._sampling_rate, rel_tol=1e-12, abs_tol=0.0):
-            raise ValueError(
-                f"state sampling_rate={state['sampling_rate']!r} does not match sampling_rate={self._sampling_rate!r}"
-            )
-        if state["seed"] is None:
-            raise ValueError("state seed must be a non-negative integer, got None")
-        seed = _check_seed(state["seed"])
-        step = _check_exact_int("step", state["step"])
-        same_layout = (int(state["process_count"]) == self._process_count
-                       and int(state.get("devices_per_process", self._devices)) == self._devices)
-        buckets = self._checked(state["bucket_sizes"]) if same_layout else None
-        self._seed, self._step = seed, step
-        self._bucket_sizes = buckets if buckets is not None else self._default_buckets()
 
     def __repr__(self):
         return (

@@ -41,14 +41,24 @@ Randomness
     seed from the operating system's entropy. The state dict contains the seed, so
     store checkpoints with the same care as the training data.
 
+Provenance
+    :meth:`Batch.take` (rows gathered from in-memory arrays) and
+    :meth:`Batch.attach` (rows you read yourself from ``batch.indices``) return
+    a :class:`SampledBatch`: the rows, their padding mask and a
+    :class:`Provenance` stamp (sampling scheme, ``N``, ``q``, step, micro-batch
+    index). :func:`dpjax.clipped_grad` reads the mask from it (padding can
+    never be forgotten) and copies the stamp into the
+    :class:`~dpjax.ClippedGradient`; :func:`dpjax.privatize` accepts the
+    gradient only if the stamp matches its ledger: the same sampling scheme,
+    ``N`` and ``q``, drawn for the very step the ledger is at, micro-batches of
+    one draw in order (privacy invariant 7).
+
 Example::
 
     sampler = PoissonSampler(60_000, expected_batch_size=256, seed=1234)
     for _ in range(num_steps):
-        batch = sampler.sample()
-        x, y = batch.take((train_x, train_y))   # shapes (bucket, ...), static
-        state = train_step(state, x, y, batch.mask)
-    accountant_kwargs = sampler.accounting_kwargs()
+        batch = sampler.sample().take({"x": train_x, "y": train_y})
+        params, opt_state = train_step(params, opt_state, batch)   # static shapes
 """
 
 from __future__ import annotations
@@ -59,20 +69,27 @@ import numbers
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
+from flax import struct
 
-from dpjax import validation
+from dpjax import ledger as ledger_lib, validation
+from dpjax.provenance import Provenance
 
 __all__ = [
     "Batch",
+    "BatchOrigin",
     "BucketOverflowWarning",
     "FixedSizeSampler",
     "PoissonSampler",
+    "Provenance",
+    "SampledBatch",
     "default_bucket_sizes",
 ]
+
+PyTree = Any
 
 # Default ladder: E[B] + k * sd(B) for these k, each rounded up to a multiple of
 # _BUCKET_MULTIPLE and capped at N. With k up to 5 a draw above the top bucket has
@@ -95,12 +112,13 @@ def _round_up(x: float, multiple: int = _BUCKET_MULTIPLE) -> int:
     return int(multiple * math.ceil(x / multiple))
 
 
-def default_bucket_sizes(num_examples: int, sampling_rate: float) -> tuple[int, ...]:
+def default_bucket_sizes(num_examples: int, sampling_rate: float, *, multiple: int = _BUCKET_MULTIPLE,
+                         cap: Optional[int] = None) -> tuple[int, ...]:
     """The default ladder of padded batch sizes for Poisson sampling.
 
     ``E[B] + k * sd(B)`` for ``k`` in ``(-1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 5)``, where ``E[B] = N q``
-    and ``sd(B) = sqrt(N q (1 - q))``; each rounded up to a multiple of 8 (at least
-    8), capped at ``N``, de-duplicated and sorted.
+    and ``sd(B) = sqrt(N q (1 - q))``; each rounded up to a multiple of ``multiple``
+    (8; at least ``multiple``), capped at ``cap`` (default ``N``), de-duplicated and sorted.
 
     >>> default_bucket_sizes(1797, 256 / 1797)
     (248, 256, 264, 272, 280, 288, 304, 336)
@@ -109,9 +127,11 @@ def default_bucket_sizes(num_examples: int, sampling_rate: float) -> tuple[int, 
     """
     n = validation.check_positive_int("num_examples", num_examples)
     q = validation.check_rate("sampling_rate", sampling_rate)
+    multiple = validation.check_positive_int("multiple", multiple)
+    cap = n if cap is None else validation.check_positive_int("cap", cap)
     mean = n * q
     sd = math.sqrt(n * q * (1.0 - q))
-    sizes = {min(n, max(_BUCKET_MULTIPLE, _round_up(mean + k * sd))) for k in _LADDER_SDS}
+    sizes = {min(cap, max(multiple, _round_up(mean + k * sd, multiple))) for k in _LADDER_SDS}
     return tuple(sorted(sizes))
 
 
@@ -162,9 +182,50 @@ def _check_seed(seed) -> int:
     return _check_exact_int("seed", seed)
 
 
+@dataclass(frozen=True)
+class BatchOrigin:
+    """The sampler a :class:`Batch` came from, as the accountant sees it.
+
+    Attributes:
+      sampling: ``"poisson"`` or ``"fixed_size"``.
+      num_examples: ``N``, the size of the data set the accountant analyses.
+      sampling_rate: ``q``.
+      num_rows: rows of the data that ``Batch.indices`` point into: ``N``, or
+        one process's range for :class:`dpjax.parallel.ShardedPoissonSampler`.
+    """
+
+    sampling: str
+    num_examples: int
+    sampling_rate: float
+    num_rows: int
+
+
+@struct.dataclass
+class SampledBatch:
+    """The rows of one sampled batch, with their padding mask and provenance.
+
+    Made by :meth:`Batch.take` or :meth:`Batch.attach`; hand it to a
+    :func:`dpjax.clipped_grad` function as the batch. ``data`` is what your loss
+    function receives. To change the rows inside a step (augmentation, a
+    reshape) keep the stamp: ``batch.replace(data=augment(batch.data))``.
+
+    Attributes:
+      data: the rows, a pytree of arrays with leading dimension ``bucket_size``.
+      mask: ``(bucket_size,)`` bool, ``True`` for real examples, ``False`` for
+        padding (which must contribute nothing; ``clipped_grad`` sees to it).
+      provenance: the :class:`~dpjax.provenance.Provenance` stamp; ``None``
+        for a batch you build yourself, which only
+        ``privatize(trust_unverified_batches=True)`` accepts.
+    """
+
+    data: PyTree
+    mask: jax.Array
+    provenance: Optional[Provenance] = None
+
+
 @dataclass(frozen=True, eq=False)
 class Batch:
-    """One step's sample, padded to a static size.
+    """One step's sample (indices, not rows), padded to a static size.
 
     Attributes:
       indices: int32 array of shape ``(bucket_size,)``: the real examples' indices
@@ -173,14 +234,23 @@ class Batch:
         Padding slots must contribute exactly zero downstream.
       size: the number of real examples (``mask.sum()``).
       step: the sampler step this batch was drawn for.
+      origin: the sampler that drew it (:class:`BatchOrigin`); ``None`` for a
+        batch built by hand, which :meth:`take` and :meth:`attach` refuse.
+      micro_index, micro_count: this batch is micro-batch ``micro_index`` of
+        ``micro_count`` of one draw (see :meth:`micro_batches`); 0 and 1 for a
+        whole draw.
 
-    The arrays are read-only.
+    Turn it into rows with :meth:`take` (arrays in memory) or :meth:`attach`
+    (rows you read from ``indices`` yourself). The arrays are read-only.
     """
 
     indices: np.ndarray
     mask: np.ndarray
     size: int
     step: int
+    origin: Optional[BatchOrigin] = None
+    micro_index: int = 0
+    micro_count: int = 1
 
     def __post_init__(self):
         indices = np.array(self.indices, dtype=np.int32, copy=True)
@@ -197,54 +267,151 @@ class Batch:
             raise ValueError(
                 "Batch mask must be True for the first `size` slots and False after"
             )
+        count, index = int(self.micro_count), int(self.micro_index)
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"Batch micro_index must be in [0, micro_count), got {index} of {count}")
         indices.setflags(write=False)
         mask.setflags(write=False)
         object.__setattr__(self, "indices", indices)
         object.__setattr__(self, "mask", mask)
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "step", int(self.step))
+        object.__setattr__(self, "micro_index", index)
+        object.__setattr__(self, "micro_count", count)
 
     @classmethod
-    def padded(cls, real: np.ndarray, bucket_size: int, step: int) -> "Batch":
+    def padded(cls, real: np.ndarray, bucket_size: int, step: int,
+               origin: Optional[BatchOrigin] = None) -> "Batch":
         """The batch of sorted real indices ``real``, padded with masked index 0 to ``bucket_size``."""
         size = int(real.shape[0])
         indices = np.zeros(bucket_size, dtype=np.int32)
         indices[:size] = real
         mask = np.zeros(bucket_size, dtype=bool)
         mask[:size] = True
-        return cls(indices=indices, mask=mask, size=size, step=step)
+        return cls(indices=indices, mask=mask, size=size, step=step, origin=origin)
 
     @property
     def bucket_size(self) -> int:
         """The padded (static) length of this batch."""
         return int(self.indices.shape[0])
 
-    def take(self, data: Any) -> Any:
-        """Gathers ``data`` (a pytree of arrays indexed by example along axis 0).
+    def micro_batches(self, count: int) -> tuple:
+        """This draw as ``count`` micro-batches of one shape, for gradient accumulation.
 
-        Numpy leaves give numpy arrays, JAX leaves give JAX arrays; every result has
-        leading dimension ``bucket_size``. Padding rows are copies of example 0 and
-        must be masked out with :attr:`mask`.
+        Each micro-batch holds ``ceil(bucket_size / count)`` slots (the last ones
+        padded with masked index 0 as needed) and is stamped as micro-batch
+        ``i`` of ``count`` of this step, so ``privatize(accumulation_steps=count)``
+        can check that the micro-batches it adds up form exactly one draw, in
+        order. Feed all ``count`` of them, one ``tx.update`` each.
+
+        >>> s = PoissonSampler(100, expected_batch_size=10, seed=0)
+        >>> parts = s.sample().micro_batches(4)
+        >>> [p.bucket_size for p in parts], [p.micro_index for p in parts]
+        ([4, 4, 4, 4], [0, 1, 2, 3])
         """
-        max_index = int(self.indices.max()) if self.indices.size else 0
+        count = validation.check_positive_int("count", count)
+        if self.micro_count != 1:
+            raise ValueError("this batch is already a micro-batch; split the whole draw (sampler.sample())")
+        per = -(-self.bucket_size // count)
+        indices = np.zeros(per * count, np.int32)
+        indices[: self.bucket_size] = self.indices
+        mask = np.zeros(per * count, bool)
+        mask[: self.bucket_size] = self.mask
+        parts = []
+        for i in range(count):
+            m = mask[i * per:(i + 1) * per]
+            parts.append(Batch(indices=indices[i * per:(i + 1) * per], mask=m, size=int(m.sum()),
+                               step=self.step, origin=self.origin, micro_index=i, micro_count=count))
+        return tuple(parts)
 
-        def gather(leaf):
-            if isinstance(leaf, jax.Array):
-                arr = leaf
-            else:
-                arr = np.asarray(leaf)
-            if arr.ndim < 1 or arr.shape[0] <= max_index:
-                # JAX would silently clamp an out-of-range index; refuse instead.
+    def provenance(self) -> Provenance:
+        """The stamp of this batch (see :class:`Provenance`)."""
+        origin = self._origin("provenance")
+        return Provenance(
+            step=np.int32(self.step),
+            micro_index=np.int32(self.micro_index),
+            micro_count=np.int32(self.micro_count),
+            sampling=np.int32(ledger_lib.SAMPLING_CODES[origin.sampling]),
+            num_examples=np.int32(origin.num_examples),
+            sampling_rate=ledger_lib.round_to_float32(origin.sampling_rate, +1.0),
+        )
+
+    def _origin(self, what: str) -> BatchOrigin:
+        if self.origin is None:
+            raise ValueError(
+                f"Batch.{what}: this Batch was not drawn by a dpjax sampler, so nothing vouches for "
+                "its sampling; draw batches with sampler.sample()"
+            )
+        return self.origin
+
+    def take(self, data: Any) -> SampledBatch:
+        """The rows of this batch from ``data``, with mask and provenance.
+
+        ``data`` is a pytree of arrays indexed by example along axis 0, with
+        exactly the sampler's number of rows (``N``; for a sharded sampler, this
+        process's range). Numpy leaves give numpy arrays, JAX leaves give JAX
+        arrays; every leaf of the result has leading dimension ``bucket_size``.
+        Padding rows are copies of example 0, masked out by ``mask``.
+
+        Raises ``ValueError`` when a leaf has another number of rows: a sampler
+        built for another ``N`` would train on part of the data and account a
+        wrong ``q``.
+        """
+        origin = self._origin("take")
+        n = origin.num_rows
+
+        def gather(path, leaf):
+            arr = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
+            if arr.ndim < 1 or arr.shape[0] != n:
                 raise ValueError(
-                    "Batch.take: every leaf of data must have a leading (example) axis "
-                    f"longer than the largest index {max_index}, got a leaf of shape "
-                    f"{tuple(arr.shape)}"
+                    f"Batch.take: data leaf {jax.tree_util.keystr(path) or '(root)'} has shape "
+                    f"{tuple(arr.shape)}, but the sampler draws from {n} rows; every leaf needs "
+                    f"exactly {n} rows along axis 0. Build the sampler for this data "
+                    "(e.g. PoissonSampler(len(x_train), ...)), or pass the data it was built for."
                 )
             if isinstance(arr, jax.Array):
                 return jax.numpy.take(arr, self.indices, axis=0, mode="clip")
             return arr[self.indices]
 
-        return jax.tree_util.tree_map(gather, data)
+        rows = jax.tree_util.tree_map_with_path(gather, data)
+        if not jax.tree_util.tree_leaves(rows):
+            raise ValueError("Batch.take: data has no array leaves")
+        return SampledBatch(data=rows, mask=self.mask, provenance=self.provenance())
+
+    def attach(self, rows: Any, *, dataset_size: Optional[int] = None) -> SampledBatch:
+        """Stamp rows you read yourself from ``self.indices`` (data on disk, a loader).
+
+        ``rows`` must hold one row per slot of ``self.indices``, in that order,
+        padding slots included (they ask for row 0, which is masked out):
+        leading dimension ``bucket_size`` on every leaf. ``dataset_size``, if
+        given (e.g. ``len(my_dataset)``), must equal the sampler's number of
+        rows.
+
+        >>> s = PoissonSampler(50, expected_batch_size=5, seed=0)
+        >>> table = np.arange(50.0)[:, None]          # stands for rows on disk
+        >>> b = s.sample()
+        >>> batch = b.attach(table[b.indices], dataset_size=len(table))
+        >>> batch.data.shape == (b.bucket_size, 1)
+        True
+        """
+        origin = self._origin("attach")
+        if dataset_size is not None and int(dataset_size) != origin.num_rows:
+            raise ValueError(
+                f"Batch.attach: dataset_size={dataset_size}, but the sampler draws from "
+                f"{origin.num_rows} rows; build the sampler with num_examples=len(dataset)"
+            )
+        leaves = jax.tree_util.tree_leaves_with_path(rows)
+        if not leaves:
+            raise ValueError("Batch.attach: rows has no array leaves")
+        for path, leaf in leaves:
+            shape = np.shape(leaf)
+            if len(shape) < 1 or shape[0] != self.bucket_size:
+                raise ValueError(
+                    f"Batch.attach: rows leaf {jax.tree_util.keystr(path) or '(root)'} has shape "
+                    f"{tuple(shape)}; it needs one row per slot of batch.indices "
+                    f"({self.bucket_size}, padding slots included)"
+                )
+        return SampledBatch(data=rows, mask=self.mask, provenance=self.provenance())
 
     def __eq__(self, other):
         if not isinstance(other, Batch):
@@ -252,6 +419,8 @@ class Batch:
         return (
             self.size == other.size
             and self.step == other.step
+            and (self.micro_index, self.micro_count) == (other.micro_index, other.micro_count)
+            and self.origin == other.origin
             and np.array_equal(self.indices, other.indices)
             and np.array_equal(self.mask, other.mask)
         )
@@ -259,15 +428,42 @@ class Batch:
     __hash__ = None
 
     def __repr__(self):
+        micro = f", micro_batch={self.micro_index}/{self.micro_count}" if self.micro_count > 1 else ""
         return (
-            f"Batch(step={self.step}, size={self.size}, bucket_size={self.bucket_size})"
+            f"Batch(step={self.step}, size={self.size}, bucket_size={self.bucket_size}{micro})"
         )
 
 
+def _rate_from(num_examples: int, expected_batch_size, sampling_rate) -> tuple[float, float]:
+    """``(q, E[B])`` from exactly one of ``expected_batch_size`` or ``sampling_rate``."""
+    n = num_examples
+    if (expected_batch_size is None) == (sampling_rate is None):
+        raise ValueError(
+            "pass exactly one of expected_batch_size or sampling_rate, got "
+            f"expected_batch_size={expected_batch_size!r}, sampling_rate={sampling_rate!r}"
+        )
+    if expected_batch_size is not None:
+        e = validation.check_positive("expected_batch_size", expected_batch_size)
+        if e > n:
+            raise ValueError(
+                f"expected_batch_size must be in (0, num_examples={n}], got {expected_batch_size!r}"
+            )
+        return e / n, e
+    q = validation.check_rate("sampling_rate", sampling_rate)
+    return q, n * q
+
+
 class _Sampler(abc.ABC):
-    """Shared state, iteration and checkpointing for the samplers."""
+    """Shared drawing, padding, stamping, iteration and checkpointing of the samplers.
+
+    A subclass sets ``sampling``, ``_sampling_rate`` and ``_bucket_sizes`` and
+    implements :meth:`_draw` (or :meth:`_draw_at`). The hooks ``_num_rows``,
+    ``_multiple``, ``_cap``, ``_extra_state`` and ``_loaded_buckets`` let
+    :class:`dpjax.parallel.ShardedPoissonSampler` reuse all the rest.
+    """
 
     sampling: str = ""
+    state_kind: str = ""  # the "sampling" entry of state_dict(); defaults to `sampling`
 
     def __init__(self, num_examples: int, seed):
         self._num_examples = validation.check_positive_int("num_examples", num_examples)
@@ -275,15 +471,33 @@ class _Sampler(abc.ABC):
         self._step = 0
         self._bucket_sizes: tuple[int, ...] = ()
         self._sampling_rate = 1.0
+        self._multiple = _BUCKET_MULTIPLE
 
     # -- subclass hooks -----------------------------------------------------
-    @abc.abstractmethod
     def _draw(self, rng: np.random.Generator) -> np.ndarray:
-        """The sorted real indices of one step's batch."""
+        """The real indices of one step's batch (any order)."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
-    def _bucket_for(self, size: int, step: int) -> int:
-        """The padded length for a draw of ``size`` real examples."""
+    def _draw_at(self, step: int) -> tuple[np.ndarray, int]:
+        """(sorted real indices of ``step``, the size its bucket must hold)."""
+        real = np.sort(self._draw(np.random.default_rng([self._seed, step]))).astype(np.int32)
+        return real, int(real.shape[0])
+
+    @property
+    def _num_rows(self) -> int:
+        """Rows of the data that this sampler's indices point into."""
+        return self._num_examples
+
+    @property
+    def _cap(self) -> int:
+        """The largest bucket worth having."""
+        return self._num_examples
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _loaded_buckets(self, state: dict) -> tuple[int, ...]:
+        return _check_bucket_sizes(state["bucket_sizes"])
 
     # -- public API -----------------------------------------------------------
     @property
@@ -303,17 +517,23 @@ class _Sampler(abc.ABC):
         """The step the next call to :meth:`sample` draws."""
         return self._step
 
+    @property
+    def origin(self) -> BatchOrigin:
+        """What every :class:`Batch` of this sampler is stamped with."""
+        return BatchOrigin(self.sampling, self._num_examples, self._sampling_rate, self._num_rows)
+
     def batch_at(self, step: int) -> Batch:
         """The batch of ``step``: a pure function of ``(seed, step)``.
 
-        Does not advance :attr:`step`. (For Poisson sampling, a draw above the
-        largest bucket adds a bucket to the ladder; the real examples never depend
-        on the ladder, only the amount of padding does.)
+        Does not advance :attr:`step`. (A Poisson draw above the largest bucket
+        adds a bucket to the ladder; the real examples never depend on the
+        ladder, only the amount of padding does.) :func:`dpjax.privatize` only
+        accepts the batch of the step its ledger is at, so replaying a batch
+        cannot be accounted twice.
         """
         step = _check_exact_int("step", step)
-        rng = np.random.default_rng([self._seed, step])
-        real = np.sort(self._draw(rng)).astype(np.int32)
-        return Batch.padded(real, self._bucket_for(int(real.shape[0]), step), step)
+        real, need = self._draw_at(step)
+        return Batch.padded(real, self._bucket_for(need, step), step, self.origin)
 
     def sample(self) -> Batch:
         """Draws the batch of the current step and advances to the next step."""
@@ -321,10 +541,37 @@ class _Sampler(abc.ABC):
         self._step += 1
         return batch
 
+    def sample_micro_batches(self, count: int) -> tuple:
+        """One logical batch (the next step's draw) as ``count`` micro-batches of one shape.
+
+        For gradient accumulation with ``privatize(accumulation_steps=count)``:
+        the micro-batches of a single draw, noised once. (Drawing a fresh batch
+        per micro-step would put an example in up to ``count`` batches of one
+        noisy step, which the accountant does not analyse.) See
+        :meth:`Batch.micro_batches`.
+        """
+        return self.sample().micro_batches(count)
+
     def __iter__(self) -> Iterator[Batch]:
         """Yields batches forever (``sample()`` repeatedly)."""
         while True:
             yield self.sample()
+
+    def _bucket_for(self, size: int, step: int) -> int:
+        buckets = self._bucket_sizes
+        i = int(np.searchsorted(buckets, size, side="left"))
+        if i < len(buckets):
+            return buckets[i]
+        new = max(size, min(self._cap, _round_up(_OVERFLOW_GROWTH * size, self._multiple)))
+        self._bucket_sizes = tuple(sorted(set(buckets) | {new}))
+        warnings.warn(
+            f"{type(self).__name__}: the batch of step {step} needs {size} slots, more than the "
+            f"largest bucket size {buckets[-1]}; added bucket size {new} (no example "
+            "dropped). A jitted step will recompile once for the new shape.",
+            BucketOverflowWarning,
+            stacklevel=5,
+        )
+        return new
 
     def accounting_kwargs(self) -> dict:
         return dict(
@@ -336,12 +583,13 @@ class _Sampler(abc.ABC):
     def state_dict(self) -> dict:
         """Plain-Python state. Contains the secret seed: keep checkpoints private."""
         return dict(
-            sampling=self.sampling,
+            sampling=self.state_kind or self.sampling,
             seed=int(self._seed),
             step=int(self._step),
             bucket_sizes=[int(b) for b in self._bucket_sizes],
             num_examples=int(self._num_examples),
             sampling_rate=float(self._sampling_rate),
+            **self._extra_state(),
         )
 
     def load_state_dict(self, state: dict) -> None:
@@ -356,11 +604,10 @@ class _Sampler(abc.ABC):
         missing = {"seed", "step", "bucket_sizes", "num_examples", "sampling_rate"} - set(state)
         if missing:
             raise ValueError(f"state is missing keys {sorted(missing)}")
-        kind = state.get("sampling", self.sampling)
-        if kind != self.sampling:
-            raise ValueError(
-                f"state was saved by a {kind!r} sampler, this sampler is {self.sampling!r}"
-            )
+        mine = self.state_kind or self.sampling
+        kind = state.get("sampling", mine)
+        if kind != mine:
+            raise ValueError(f"state was saved by a {kind!r} sampler, this sampler is {mine!r}")
         if int(state["num_examples"]) != self._num_examples:
             raise ValueError(
                 f"state num_examples={state['num_examples']!r} does not match this "
@@ -376,12 +623,8 @@ class _Sampler(abc.ABC):
             raise ValueError("state seed must be a non-negative integer, got None")
         seed = _check_seed(state["seed"])
         step = _check_exact_int("step", state["step"])
-        buckets = _check_bucket_sizes(state["bucket_sizes"])
-        self._check_loaded_buckets(buckets)
+        buckets = self._loaded_buckets(state)
         self._seed, self._step, self._bucket_sizes = seed, step, buckets
-
-    def _check_loaded_buckets(self, buckets: tuple[int, ...]) -> None:
-        pass
 
     def __repr__(self):
         return (
@@ -412,8 +655,8 @@ class PoissonSampler(_Sampler):
     Example::
 
         sampler = PoissonSampler(1797, expected_batch_size=256, seed=0)
-        batch = sampler.sample()      # batch.size random, batch.bucket_size static
-        x = batch.take(features)      # (batch.bucket_size, ...)
+        b = sampler.sample()          # b.size random, b.bucket_size static
+        batch = b.take({"x": features, "y": labels})   # rows, mask and stamp
     """
 
     sampling = "poisson"
@@ -429,23 +672,7 @@ class PoissonSampler(_Sampler):
     ):
         super().__init__(num_examples, seed)
         n = self._num_examples
-        if (expected_batch_size is None) == (sampling_rate is None):
-            raise ValueError(
-                "pass exactly one of expected_batch_size or sampling_rate, got "
-                f"expected_batch_size={expected_batch_size!r}, sampling_rate={sampling_rate!r}"
-            )
-        if expected_batch_size is not None:
-            e = validation.check_positive("expected_batch_size", expected_batch_size)
-            if e > n:
-                raise ValueError(
-                    f"expected_batch_size must be in (0, num_examples={n}], got "
-                    f"{expected_batch_size!r}"
-                )
-            self._sampling_rate = e / n
-            self._expected_batch_size = e
-        else:
-            self._sampling_rate = validation.check_rate("sampling_rate", sampling_rate)
-            self._expected_batch_size = n * self._sampling_rate
+        self._sampling_rate, self._expected_batch_size = _rate_from(n, expected_batch_size, sampling_rate)
         if bucket_sizes is None:
             self._bucket_sizes = default_bucket_sizes(n, self._sampling_rate)
         else:
@@ -460,22 +687,6 @@ class PoissonSampler(_Sampler):
         n = self._num_examples
         k = int(rng.binomial(n, self._sampling_rate))
         return rng.choice(n, size=k, replace=False, shuffle=False)
-
-    def _bucket_for(self, size: int, step: int) -> int:
-        buckets = self._bucket_sizes
-        i = int(np.searchsorted(buckets, size, side="left"))
-        if i < len(buckets):
-            return buckets[i]
-        new = max(size, min(self._num_examples, _round_up(_OVERFLOW_GROWTH * size)))
-        self._bucket_sizes = tuple(sorted(set(buckets) | {new}))
-        warnings.warn(
-            f"PoissonSampler: the batch of step {step} has {size} examples, more than the "
-            f"largest bucket size {buckets[-1]}; added bucket size {new} (no example "
-            "dropped). A jitted step will recompile once for the new shape.",
-            BucketOverflowWarning,
-            stacklevel=4,
-        )
-        return new
 
 
 class FixedSizeSampler(_Sampler):
@@ -526,11 +737,13 @@ class FixedSizeSampler(_Sampler):
     def accounting_kwargs(self) -> dict:
         return dict(super().accounting_kwargs(), batch_size=self._batch_size)
 
-    def state_dict(self) -> dict:
-        return dict(super().state_dict(), batch_size=self._batch_size)
+    def _extra_state(self) -> dict:
+        return {"batch_size": self._batch_size}
 
-    def _check_loaded_buckets(self, buckets: tuple[int, ...]) -> None:
+    def _loaded_buckets(self, state: dict) -> tuple[int, ...]:
+        buckets = _check_bucket_sizes(state["bucket_sizes"])
         if buckets != (self._batch_size,):
             raise ValueError(
                 f"state bucket_sizes={list(buckets)} does not match batch_size={self._batch_size}"
             )
+        return buckets

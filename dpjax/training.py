@@ -148,38 +148,11 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def fit(
-    model,
-    data: Dict[str, np.ndarray],
-    *,
-    epochs: float = DEFAULTS["epochs"],
-    batch_size: Optional[int] = DEFAULTS["batch_size"],
-    l2_clip_norm: float = DEFAULTS["l2_clip_norm"],
-    target_epsilon: Optional[float] = 3.0,
-    delta: float = 1e-5,
-    noise_multiplier: Optional[float] = None,
-    optimizer: Optional[optax.GradientTransformation] = None,
-    learning_rate: float = DEFAULTS["learning_rate"],
-    loss: Callable = cross_entropy,
-    seed: Optional[int] = 0,
-    accountant: str = "rdp",
-    microbatch_size: Optional[int] = None,
-    clipping_method: str = "auto",
-    keep_fraction: Optional[float] = None,
-    checkpoint_dir: Optional[str] = None,
-    checkpoint_every: int = 50,
-    resume: bool = False,
-    progress: bool = True,
-    max_steps: Optional[int] = None,
-    on_checkpoint: Optional[Callable[[int], None]] = None,
-    mesh: Optional[jax.sharding.Mesh] = None,
-) -> TrainResult:
-    """Train ``model`` with DP-SGD on ``data`` and report the ε spent.
+@dataclasses.dataclass(frozen=True)
+class FitSettings:
+    """The settings of :func:`fit` (each one is also a keyword argument of ``fit``).
 
-    Args:
-      model: a ``flax.linen`` or ``flax.nnx`` module mapping a batch of inputs
-        to logits.
-      data: dict with ``x_train, y_train`` and optionally ``x_test, y_test``.
+    Attributes:
       epochs: planned length, in expected passes over the data
         (steps = ceil(epochs · N / batch_size)).
       batch_size: expected batch size E[B] of the Poisson sampler (q = E[B]/N);
@@ -189,6 +162,7 @@ def fit(
         calibrated so the planned steps spend exactly this; with it, training
         stops before a step would exceed it. ``None``: no budget (then
         ``noise_multiplier`` is required).
+      delta: δ.
       noise_multiplier: σ, instead of calibrating it.
       optimizer: the inner optax optimizer (default :func:`default_optimizer`,
         schedule-free SGD with ``learning_rate``). With a schedule-free
@@ -199,6 +173,7 @@ def fit(
       loss: ``loss(logits, labels) -> scalar`` (mean over the batch).
       seed: one int that fixes initialisation, sampling and noise (keep it
         secret for a real release), or None to draw them from the OS.
+      accountant: ``"rdp"`` or ``"pld"``.
       microbatch_size / clipping_method / keep_fraction: passed to
         :func:`dpjax.clipped_grad` (``microbatch_size``, ``method``,
         ``keep_fraction``): memory and speed only, the result is the same.
@@ -217,6 +192,294 @@ def fit(
         once (see :mod:`dpjax.parallel`). Parameters, optimizer state and
         ledger are replicated; checkpoints are written once and restored on
         every process. ``None`` (default): the single-device loop.
+    """
+
+    epochs: float = DEFAULTS["epochs"]
+    batch_size: Optional[int] = DEFAULTS["batch_size"]
+    l2_clip_norm: float = DEFAULTS["l2_clip_norm"]
+    target_epsilon: Optional[float] = 3.0
+    delta: float = 1e-5
+    noise_multiplier: Optional[float] = None
+    optimizer: Optional[optax.GradientTransformation] = None
+    learning_rate: float = DEFAULTS["learning_rate"]
+    loss: Callable = cross_entropy
+    seed: Optional[int] = 0
+    accountant: str = "rdp"
+    microbatch_size: Optional[int] = None
+    clipping_method: str = "auto"
+    keep_fraction: Optional[float] = None
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 50
+    resume: bool = False
+    progress: bool = True
+    max_steps: Optional[int] = None
+    on_checkpoint: Optional[Callable[[int], None]] = None
+    mesh: Optional[jax.sharding.Mesh] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What the settings and the data size fix before training starts."""
+
+    num_examples: int
+    batch_size: int
+    total_steps: int
+    steps_per_epoch: int
+    sigma: float
+    config: Dict[str, Any]  # what a checkpoint must agree with to be resumed
+
+
+@dataclasses.dataclass
+class _Run:
+    """The state of a run in progress (mutable: the loop advances it)."""
+
+    params: Any
+    opt_state: Any
+    sampler: Any
+    seeds: Dict[str, int]
+    history: List[Dict[str, float]]
+
+
+def _settings_from(settings: Optional[FitSettings], overrides: Dict[str, Any]) -> FitSettings:
+    base = FitSettings() if settings is None else settings
+    if not isinstance(base, FitSettings):
+        raise TypeError(f"settings must be a dpjax.training.FitSettings, got {type(base).__name__}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(FitSettings)})
+    if unknown:
+        raise TypeError(f"fit() got unknown settings {unknown}; see dpjax.training.FitSettings")
+    return dataclasses.replace(base, **overrides)
+
+
+def _training_arrays(data) -> tuple:
+    for key in ("x_train", "y_train"):
+        if key not in data:
+            raise ValueError(f"data must contain {key!r}; it has {sorted(data)}")
+    x_train, y_train = np.asarray(data["x_train"]), np.asarray(data["y_train"])
+    test = None
+    if "x_test" in data and "y_test" in data:
+        test = (np.asarray(data["x_test"]), np.asarray(data["y_test"]))
+    return x_train, y_train, test
+
+
+def _plan(s: FitSettings, n: int) -> _Plan:
+    """Validate the settings against ``n`` examples; calibrate σ if asked."""
+    validation.check_positive("epochs", s.epochs)
+    batch_size = n if s.batch_size is None else validation.check_positive_int("batch_size", s.batch_size)
+    if batch_size > n:
+        raise ValueError(f"batch_size ({batch_size}) must be <= the number of training examples ({n})")
+    validation.check_open_unit("delta", s.delta)
+    validation.check_positive_int("checkpoint_every", s.checkpoint_every)
+    if s.target_epsilon is None and s.noise_multiplier is None:
+        raise ValueError("pass target_epsilon (σ is then calibrated) or noise_multiplier (or both)")
+    if s.target_epsilon is not None:
+        validation.check_positive("target_epsilon", s.target_epsilon)
+    if s.resume and s.checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    total_steps = math.ceil(s.epochs * n / batch_size)
+    sigma = s.noise_multiplier
+    if sigma is None:
+        # Calibrate with the float32 values the ledger will record (q rounded up, σ
+        # rounded up to a float32 here so the ledger keeps it exactly): the ledger's
+        # ε for the planned steps is then within the target, and the budget guard
+        # does not stop the run a step early.
+        q_ledger = float(ledger.round_to_float32(batch_size / n, +1.0))
+        sigma = accounting.calibrate_noise_multiplier(
+            target_epsilon=s.target_epsilon, delta=s.delta, sampling_rate=q_ledger, steps=total_steps,
+            accountant=s.accountant,
+        )
+        sigma = float(ledger.round_to_float32(sigma, +1.0))
+    sigma = validation.check_positive("noise_multiplier", sigma)
+    config = {
+        "num_examples": n,
+        "batch_size": batch_size,
+        "noise_multiplier": sigma,
+        "l2_clip_norm": float(s.l2_clip_norm),
+        "delta": float(s.delta),
+        "target_epsilon": None if s.target_epsilon is None else float(s.target_epsilon),
+        "total_steps": total_steps,
+        "accountant": s.accountant,
+    }
+    return _Plan(n, batch_size, total_steps, max(1, math.ceil(n / batch_size)), sigma, config)
+
+
+def _start(s: FitSettings, plan: _Plan, params, seeds):
+    """The sampler, the private optimizer and its state for a fresh run."""
+    if s.mesh is None:
+        sampler = PoissonSampler(plan.num_examples, expected_batch_size=plan.batch_size, seed=seeds["sampler"])
+    else:
+        from dpjax import parallel
+
+        sampler = parallel.ShardedPoissonSampler.for_mesh(plan.num_examples, s.mesh,
+                                                          expected_batch_size=plan.batch_size, seed=seeds["sampler"])
+    tx = privatize(
+        s.optimizer if s.optimizer is not None else default_optimizer(s.learning_rate),
+        noise_multiplier=plan.sigma,
+        l2_clip_norm=s.l2_clip_norm,
+        sampler=sampler,
+        seed=seeds["noise"],
+        target_epsilon=s.target_epsilon,
+        target_delta=s.delta if s.target_epsilon is not None else None,
+        accountant=s.accountant,
+    )
+    opt_state = tx.init(params)
+    if s.mesh is not None:
+        from dpjax import parallel
+
+        params, opt_state = parallel.replicate((params, opt_state), s.mesh)
+    return tx, _Run(params=params, opt_state=opt_state, sampler=sampler, seeds=seeds, history=[])
+
+
+def _restore(manager, run: _Run, plan: _Plan) -> None:
+    """Continue ``run`` from the latest checkpoint in ``manager`` (if any)."""
+    if manager.latest_step() is None:
+        return
+    restored = manager.restore({"params": run.params, "opt_state": run.opt_state})
+    checkpointing.check_same_config(restored.meta["config"], plan.config)
+    run.params, run.opt_state = restored.state["params"], restored.state["opt_state"]
+    run.sampler.load_state_dict(restored.meta["sampler"])
+    run.seeds = restored.meta["seeds"]  # seed=None runs continue their own streams
+    run.history = restored.meta["history"]
+    if ledger.steps_taken(run.opt_state) != run.sampler.step:
+        raise RuntimeError("checkpoint is inconsistent: ledger steps != sampler steps")
+
+
+def _train_step(s: FitSettings, apply_fn, tx):
+    """``train_step(params, opt_state, batch) -> (params, opt_state, train loss)`` for a SampledBatch."""
+
+    def batch_loss(p, batch):
+        return s.loss(apply_fn(p, batch["x"]), batch["y"])
+
+    grad_fn = clipped_grad(batch_loss, l2_clip_norm=s.l2_clip_norm, microbatch_size=s.microbatch_size,
+                           method=s.clipping_method, keep_fraction=s.keep_fraction, return_per_example=True)
+    if s.mesh is not None:
+        from dpjax import parallel
+
+        parallel_step = parallel.make_step(grad_fn, tx, s.mesh)
+
+        def sharded_step(p, st, batch):
+            p, st, metrics = parallel_step(p, st, parallel.shard_batch(batch, s.mesh))
+            return p, st, metrics["loss"]
+
+        return sharded_step
+
+    @jax.jit
+    def train_step(p, st, batch):
+        g = grad_fn(p, batch)
+        updates, st = tx.update(g, st, p)
+        train_loss = jnp.sum(jnp.where(batch.mask, g.per_example_loss, 0.0)) / jnp.maximum(g.num_examples, 1)
+        return optax.apply_updates(p, updates), st, train_loss
+
+    return train_step
+
+
+class _Loop:
+    """Evaluation, checkpoints and the progress bar around the training steps."""
+
+    def __init__(self, s: FitSettings, plan: _Plan, run: _Run, apply_fn, test, manager):
+        self.s, self.plan, self.run, self.manager = s, plan, run, manager
+        self.bar = None
+        self.test = None
+        if test is not None:
+            self.test = (_replicate(test, s.mesh) if s.mesh is not None
+                         else tuple(jnp.asarray(a) for a in test))
+
+        @jax.jit
+        def evaluate(p, x, y):
+            logits = apply_fn(p, x)
+            return jnp.mean(jnp.argmax(logits, -1) == y), s.loss(logits, y)
+
+        self.evaluate = evaluate
+
+    def spent(self) -> float:
+        return ledger.epsilon(self.run.opt_state, self.s.delta, accountant=self.s.accountant)
+
+    def record_eval(self, done: int, train_loss) -> None:
+        run = self.run
+        record = {"step": done, "epoch": done / self.plan.steps_per_epoch, "epsilon": self.spent(),
+                  "train_loss": float(train_loss)}
+        if self.test is not None:
+            acc, test_loss = self.evaluate(eval_params(run.opt_state, run.params), *self.test)
+            record.update(test_accuracy=float(acc), test_loss=float(test_loss))
+        run.history.append(record)
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{record[k]:.3g}" for k in ("train_loss", "test_accuracy", "epsilon")
+                                  if k in record})
+
+    def save(self, step: int) -> None:
+        if self.manager is None:
+            return
+        run = self.run
+        self.manager.save(
+            step,
+            {"params": run.params, "opt_state": run.opt_state},
+            {"config": self.plan.config, "sampler": run.sampler.state_dict(), "seeds": run.seeds,
+             "history": run.history},
+        )
+        if self.s.on_checkpoint is not None:
+            self.s.on_checkpoint(step)
+
+    def train(self, train_step, train_data) -> Optional[str]:
+        """Run the steps of this call; the reason for stopping early, or None."""
+        run, plan = self.run, self.plan
+        start = run.sampler.step
+        end = plan.total_steps if self.s.max_steps is None else min(plan.total_steps, start + self.s.max_steps)
+        if self.s.progress and (self.s.mesh is None or jax.process_index() == 0):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=plan.total_steps, initial=start, desc="DP training", unit="step",
+                            dynamic_ncols=True)
+        stopped, tl = None, float("nan")
+        for step in range(start, end):
+            try:
+                ledger.check_budget(run.opt_state)
+            except accounting.PrivacyBudgetExceeded as e:
+                stopped = f"stopped before step {step + 1} to stay within the budget: {e}"
+                break
+            batch = run.sampler.sample().take(train_data)
+            run.params, run.opt_state, tl = train_step(run.params, run.opt_state, batch)
+            done = step + 1
+            if done % plan.steps_per_epoch == 0 or done == plan.total_steps:
+                self.record_eval(done, tl)
+            if done % self.s.checkpoint_every == 0:
+                self.save(done)
+            if self.bar is not None:
+                self.bar.update(1)
+        steps_done = ledger.steps_taken(run.opt_state)
+        if steps_done > 0 and (not run.history or run.history[-1]["step"] != steps_done):
+            self.record_eval(steps_done, tl)
+        if self.manager is not None and not self.manager.has_step(steps_done):
+            self.save(steps_done)
+        return stopped
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.manager is not None:
+            self.manager.close()
+
+
+def _replicate(tree, mesh):
+    from dpjax import parallel
+
+    return parallel.replicate(tree, mesh)
+
+
+def fit(model, data: Dict[str, np.ndarray], settings: Optional[FitSettings] = None, /,
+        **overrides) -> TrainResult:
+    """Train ``model`` with DP-SGD on ``data`` and report the ε spent.
+
+    Args:
+      model: a ``flax.linen`` or ``flax.nnx`` module mapping a batch of inputs
+        to logits.
+      data: dict with ``x_train, y_train`` and optionally ``x_test, y_test``.
+      settings: a :class:`FitSettings` (default: ``FitSettings()``).
+      **overrides: any field of :class:`FitSettings` (``epochs``,
+        ``batch_size``, ``l2_clip_norm``, ``target_epsilon``, ``delta``,
+        ``noise_multiplier``, ``optimizer``, ``learning_rate``, ``loss``,
+        ``seed``, ``accountant``, ``microbatch_size``, ``clipping_method``,
+        ``keep_fraction``, ``checkpoint_dir``, ``checkpoint_every``, ``resume``,
+        ``progress``, ``max_steps``, ``on_checkpoint``, ``mesh``), replacing
+        the value in ``settings``.
 
     Example:
 
@@ -227,197 +490,44 @@ def fit(
     >>> result.epsilon <= 3.0
     True
     """
-    for key in ("x_train", "y_train"):
-        if key not in data:
-            raise ValueError(f"data must contain {key!r}; it has {sorted(data)}")
-    x_train, y_train = np.asarray(data["x_train"]), np.asarray(data["y_train"])
-    has_test = "x_test" in data and "y_test" in data
-    n = len(x_train)
-    validation.check_positive("epochs", epochs)
-    batch_size = n if batch_size is None else validation.check_positive_int("batch_size", batch_size)
-    if batch_size > n:
-        raise ValueError(f"batch_size ({batch_size}) must be <= the number of training examples ({n})")
-    validation.check_open_unit("delta", delta)
-    validation.check_positive_int("checkpoint_every", checkpoint_every)
-    if target_epsilon is None and noise_multiplier is None:
-        raise ValueError("pass target_epsilon (σ is then calibrated) or noise_multiplier (or both)")
-    if target_epsilon is not None:
-        validation.check_positive("target_epsilon", target_epsilon)
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir")
-
-    total_steps = math.ceil(epochs * n / batch_size)
-    steps_per_epoch = max(1, math.ceil(n / batch_size))
-    if noise_multiplier is None:
-        # Calibrate with the float32 values the ledger will record (q rounded up, σ
-        # rounded up to a float32 here so the ledger keeps it exactly): the ledger's
-        # ε for the planned steps is then within the target, and the budget guard
-        # does not stop the run a step early.
-        q_ledger = float(ledger.round_to_float32(batch_size / n, +1.0))
-        noise_multiplier = accounting.calibrate_noise_multiplier(
-            target_epsilon=target_epsilon, delta=delta, sampling_rate=q_ledger, steps=total_steps,
-            accountant=accountant,
-        )
-        noise_multiplier = float(ledger.round_to_float32(noise_multiplier, +1.0))
-    sigma = validation.check_positive("noise_multiplier", noise_multiplier)
-
-    seeds = _derive_seeds(seed)
-    if mesh is not None:
+    s = _settings_from(settings, overrides)
+    x_train, y_train, test = _training_arrays(data)
+    plan = _plan(s, len(x_train))
+    seeds = _derive_seeds(s.seed)
+    if s.mesh is not None:
         from dpjax import parallel
 
         seeds = parallel.broadcast_seeds(seeds)  # every process: same init, sampler and noise seeds
-    config = {
-        "num_examples": n,
-        "batch_size": batch_size,
-        "noise_multiplier": sigma,
-        "l2_clip_norm": float(l2_clip_norm),
-        "delta": float(delta),
-        "target_epsilon": None if target_epsilon is None else float(target_epsilon),
-        "total_steps": total_steps,
-        "accountant": accountant,
-    }
-
     apply_fn, params, finalize = _functional(model, jnp.asarray(x_train[:1]), jax.random.PRNGKey(seeds["init"]))
-    if mesh is None:
-        sampler = PoissonSampler(n, expected_batch_size=batch_size, seed=seeds["sampler"])
-    else:
-        sampler = parallel.ShardedPoissonSampler.for_mesh(n, mesh, expected_batch_size=batch_size,
-                                                          seed=seeds["sampler"])
-    tx = privatize(
-        optimizer if optimizer is not None else default_optimizer(learning_rate),
-        noise_multiplier=sigma,
-        l2_clip_norm=l2_clip_norm,
-        sampler=sampler,
-        seed=seeds["noise"],
-        target_epsilon=target_epsilon,
-        target_delta=delta if target_epsilon is not None else None,
-        accountant=accountant,
-    )
-    opt_state = tx.init(params)
-    if mesh is not None:
-        params, opt_state = parallel.replicate((params, opt_state), mesh)
-    history: List[Dict[str, float]] = []
-
-    manager = checkpointing.CheckpointManager(checkpoint_dir) if checkpoint_dir else None
-    if resume and manager is not None and manager.latest_step() is not None:
-        restored = manager.restore({"params": params, "opt_state": opt_state})
-        checkpointing.check_same_config(restored.meta["config"], config)
-        params, opt_state = restored.state["params"], restored.state["opt_state"]
-        sampler.load_state_dict(restored.meta["sampler"])
-        seeds = restored.meta["seeds"]  # seed=None runs continue their own streams
-        history = restored.meta["history"]
-        if ledger.steps_taken(opt_state) != sampler.step:
-            raise RuntimeError("checkpoint is inconsistent: ledger steps != sampler steps")
-
-    def batch_loss(p, batch):
-        return loss(apply_fn(p, batch["x"]), batch["y"])
-
-    grad_fn = clipped_grad(batch_loss, l2_clip_norm=l2_clip_norm, microbatch_size=microbatch_size,
-                           method=clipping_method, keep_fraction=keep_fraction, return_per_example=True)
-
-    if mesh is None:
-
-        @jax.jit
-        def train_step(p, s, batch, mask):
-            g = grad_fn(p, batch, mask=mask)
-            updates, s = tx.update(g, s, p)
-            train_loss = jnp.sum(jnp.where(mask, g.per_example_loss, 0.0)) / jnp.maximum(g.num_examples, 1)
-            return optax.apply_updates(p, updates), s, train_loss
-
-    else:
-        parallel_step = parallel.make_step(grad_fn, tx, mesh)
-
-        def train_step(p, s, batch, mask):
-            batch, mask = parallel.shard_batch((batch, mask), mesh)
-            p, s, metrics = parallel_step(p, s, batch, mask)
-            return p, s, metrics["loss"]
-
-    @jax.jit
-    def evaluate(p, x, y):
-        logits = apply_fn(p, x)
-        return jnp.mean(jnp.argmax(logits, -1) == y), loss(logits, y)
-
-    def spent():
-        return ledger.epsilon(opt_state, delta, accountant=accountant)
-
-    def save(step):
-        if manager is None:
-            return
-        manager.save(
-            step,
-            {"params": params, "opt_state": opt_state},
-            {"config": config, "sampler": sampler.state_dict(), "seeds": seeds, "history": history},
-        )
-        if on_checkpoint is not None:
-            on_checkpoint(step)
-
-    def record_eval(done, train_loss):
-        record = {"step": done, "epoch": done / steps_per_epoch, "epsilon": spent(),
-                  "train_loss": float(train_loss)}
-        if has_test:
-            acc, test_loss = evaluate(eval_params(opt_state, params), *test_data)
-            record.update(test_accuracy=float(acc), test_loss=float(test_loss))
-        history.append(record)
-        if bar is not None:
-            bar.set_postfix({k: f"{record[k]:.3g}" for k in ("train_loss", "test_accuracy", "epsilon") if k in record})
-
+    tx, run = _start(s, plan, params, seeds)
+    manager = checkpointing.CheckpointManager(s.checkpoint_dir) if s.checkpoint_dir else None
+    if s.resume:
+        _restore(manager, run, plan)
     train_data = {"x": x_train, "y": y_train}
-    test_data = (jnp.asarray(data["x_test"]), jnp.asarray(data["y_test"])) if has_test else None
-    if mesh is not None:
-        train_data = sampler.local_slice(train_data)  # this process samples only its own range
-        if has_test:
-            test_data = parallel.replicate((np.asarray(data["x_test"]), np.asarray(data["y_test"])), mesh)
-        progress = progress and jax.process_index() == 0
-    start = sampler.step
-    end = total_steps if max_steps is None else min(total_steps, start + max_steps)
-    stopped_early = None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=start, desc="DP training", unit="step", dynamic_ncols=True)
-    tl = float("nan")
+    if s.mesh is not None:
+        train_data = run.sampler.local_slice(train_data)  # this process samples only its own range
+    loop = _Loop(s, plan, run, apply_fn, test, manager)
     with warnings.catch_warnings():
         warnings.simplefilter("once", accounting.RdpConvergenceWarning)
-        for step in range(start, end):
-            try:
-                ledger.check_budget(opt_state)
-            except accounting.PrivacyBudgetExceeded as e:
-                stopped_early = f"stopped before step {step + 1} to stay within the budget: {e}"
-                break
-            b = sampler.sample()
-            params, opt_state, tl = train_step(params, opt_state, b.take(train_data), b.mask)
-            done = step + 1
-            if done % steps_per_epoch == 0 or done == total_steps:
-                record_eval(done, tl)
-            if done % checkpoint_every == 0:
-                save(done)
-            if bar is not None:
-                bar.update(1)
-        steps_done = ledger.steps_taken(opt_state)
-        if steps_done > 0 and (not history or history[-1]["step"] != steps_done):
-            record_eval(steps_done, tl)
-        if manager is not None and (not manager.has_step(steps_done)):
-            save(steps_done)
-        eps = spent()
-    if bar is not None:
-        bar.close()
-    if manager is not None:
-        manager.close()
-    if stopped_early is None and steps_done < total_steps and max_steps is None:
+        try:
+            stopped_early = loop.train(_train_step(s, apply_fn, tx), train_data)
+            eps = loop.spent()
+        finally:
+            loop.close()
+    steps_done = ledger.steps_taken(run.opt_state)
+    if stopped_early is None and steps_done < plan.total_steps and s.max_steps is None:
         stopped_early = "stopped before the planned steps"
-    statement = ledger.privacy_statement(opt_state, delta, l2_clip_norm=l2_clip_norm)
-    final_params = eval_params(opt_state, params)
+    final_params = eval_params(run.opt_state, run.params)
     return TrainResult(
         params=final_params,
-        opt_state=opt_state,
-        history=history,
+        opt_state=run.opt_state,
+        history=run.history,
         epsilon=eps,
-        delta=delta,
-        noise_multiplier=sigma,
+        delta=s.delta,
+        noise_multiplier=plan.sigma,
         steps=steps_done,
         stopped_early=stopped_early,
-        statement=statement,
+        statement=ledger.privacy_statement(run.opt_state, s.delta, l2_clip_norm=s.l2_clip_norm),
         model=finalize(final_params),
     )
 

@@ -107,16 +107,26 @@ def manual_run(mesh, parts, process_count):
     step = parallel.make_step(grad_fn, tx, mesh)
     sizes = []
     for _ in range(cfg["steps"]):
-        xs, ms = [], []
+        parts = []
         for s in samplers:
             b = s.sample()
-            xs.append(b.take(s.local_slice(data)))
-            ms.append(b.mask)
+            parts.append(b.take(s.local_slice(data)))
             sizes.append(b.size)
-        batch = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *xs)
-        batch, mask = parallel.shard_batch((batch, np.concatenate(ms)), mesh)
-        params, state, metrics = step(params, state, batch, mask)
+        # One process feeds its own part; an emulation of several concatenates theirs
+        # (rows and masks, in process order; the stamps are the same on every process).
+        batch = dpjax.SampledBatch(data=jax.tree_util.tree_map(lambda *a: np.concatenate(a), *[p.data for p in parts]),
+                                   mask=np.concatenate([p.mask for p in parts]), provenance=parts[0].provenance)
+        params, state, metrics = step(params, state, parallel.shard_batch(batch, mesh))
     return params, state, sizes
+
+
+def unverified(**kw):
+    """privatize for checks that feed one fixed batch every step (numerics, not provenance)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dpjax.UnverifiedBatchesWarning)
+        return dpjax.privatize(trust_unverified_batches=True, **kw)
 
 
 # --------------------------------------------------------------------- checks
@@ -159,18 +169,19 @@ def check_equivalence(mesh4):
     params0 = model.init(jax.random.PRNGKey(0), data["x"][:1])
     real = jax.tree_util.tree_map(lambda x: x[:50], data)
     batch, mask = parallel.pad_batch(real, None, 4)  # 50 real rows -> 52 rows, 2 masked
-    bb, mm = parallel.shard_batch((batch, mask), mesh4)
+    sb = parallel.shard_batch(dpjax.SampledBatch(data=batch, mask=mask), mesh4)
+    bb, mm = sb.data, sb.mask
     out = {}
     for method, mb in (("vmap", None), ("fast", 4)):
         grad_fn = dpjax.clipped_grad(loss, l2_clip_norm=1.0, method=method, microbatch_size=mb,
                                      return_per_example=True)
-        tx = dpjax.privatize(optax.adam(1e-2), noise_multiplier=1.0, l2_clip_norm=1.0,
-                             expected_batch_size=30, num_examples=640, seed=3)
+        tx = unverified(inner=optax.adam(1e-2), noise_multiplier=1.0, l2_clip_norm=1.0,
+                        expected_batch_size=30, num_examples=640, seed=3)
         p = parallel.replicate(params0, mesh4)
         s = parallel.replicate(tx.init(params0), mesh4)
         step = parallel.make_step(grad_fn, tx, mesh4)
         for _ in range(3):
-            p, s, metrics = step(p, s, bb, mm)
+            p, s, metrics = step(p, s, sb)
 
         @jax.jit
         def plain(p, s, b):  # the ordinary single-device step on the 50 real rows
@@ -227,23 +238,24 @@ def check_noise_once(mesh4):
         return jnp.sum(batch["x"] @ p["w"]) + jnp.sum(p["b"])
 
     grad_fn = dpjax.clipped_grad(loss, l2_clip_norm=clip, method="vmap")
-    tx = dpjax.privatize(optax.sgd(1.0), noise_multiplier=sigma, l2_clip_norm=clip,
-                         expected_batch_size=ebs, num_examples=64, seed=0)
+    tx = unverified(inner=optax.sgd(1.0), noise_multiplier=sigma, l2_clip_norm=clip,
+                    expected_batch_size=ebs, num_examples=64, seed=0)
     batch = {"x": np.ones((16, 100), np.float32)}
     mask = np.zeros(16, bool)  # every row masked: the clipped sum is exactly 0
     p = parallel.replicate(params, mesh4)
     s = parallel.replicate(tx.init(params), mesh4)
     step = parallel.make_step(grad_fn, tx, mesh4)
-    bb, mm = parallel.shard_batch((batch, mask), mesh4)
-    outside, inside = count_random_bits(jax.make_jaxpr(step.step_fn)(p, s, bb, mm))
+    sb = parallel.shard_batch(dpjax.SampledBatch(data=batch, mask=mask), mesh4)
+    bb, mm = sb.data, sb.mask
+    outside, inside = count_random_bits(jax.make_jaxpr(step.step_fn)(p, s, sb))
     deltas = []
     for _ in range(steps):
-        new_p, s, _ = step(p, s, bb, mm)
+        new_p, s, _ = step(p, s, sb)
         deltas.append(np.concatenate([(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(leaves(new_p), leaves(p))]))
         p = new_p
     deltas = np.stack(deltas)
     expected = (sigma * clip / ebs) ** 2
-    hlo = step.lower(p, s, bb, mm).compile().as_text()
+    hlo = step.lower(p, s, sb).compile().as_text()
 
     # Negative control: noise inside the shard_map (per device), then psum -- wrong on purpose.
     from jax.sharding import PartitionSpec as P
@@ -275,6 +287,32 @@ def check_noise_once(mesh4):
     )
 
 
+def check_provenance(mesh4):
+    """The stamp survives shard_batch and the shard_map; a replayed batch is refused in the parallel step."""
+    model = tiny_model()
+    data, _ = digits(64)
+    sampler = parallel.ShardedPoissonSampler.for_mesh(64, mesh4, expected_batch_size=16, seed=0)
+    tx = dpjax.privatize(optax.sgd(0.1), noise_multiplier=1.0, l2_clip_norm=1.0, sampler=sampler, seed=0)
+    p = parallel.replicate(model.init(jax.random.PRNGKey(0), data["x"][:1]), mesh4)
+    s = parallel.replicate(tx.init(p), mesh4)
+    step = parallel.make_step(dpjax.clipped_grad(loss_of(model), l2_clip_norm=1.0), tx, mesh4)
+    first = parallel.shard_batch(sampler.sample().take(sampler.local_slice(data)), mesh4)
+    p1, s1, _ = step(p, s, first)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p2, s2, _ = step(p1, s1, first)  # the same draw again
+        jax.block_until_ready(p2)
+    refused = None
+    try:
+        dpjax.check_budget(s2)
+    except dpjax.BatchProvenanceError as e:
+        refused = str(e)
+    return dict(steps=[int(s1.ledger.steps), int(s2.ledger.steps)], unchanged=max_diff(p1, p2),
+                refused=refused, warned=any(issubclass(w.category, dpjax.BatchProvenanceWarning) for w in caught))
+
+
 def check_fit(mesh4):
     """fit(mesh=4 devices) == fit(mesh=1 device) with the same seed."""
     _, d = digits(FIT["n"])
@@ -300,7 +338,7 @@ def run_checks(out_path):
     mesh4 = parallel.data_mesh()
     results = {"device_count": jax.device_count()}
     for name, fn in (("equivalence", check_equivalence), ("fast_conv", check_fast_conv_paths),
-                     ("noise_once", check_noise_once),
+                     ("noise_once", check_noise_once), ("provenance", check_provenance),
                      ("fit", check_fit),
                      ("multihost_reference", check_multihost_reference)):
         t = time.perf_counter()

@@ -21,15 +21,14 @@ def test_private_training_on_digits_learns_and_accounts(mlp_setup, digits):
     state = tx.init(params)
 
     @jax.jit
-    def step(params, state, batch, mask):
-        g = grad_fn(params, batch, mask=mask)
+    def step(params, state, batch):
+        g = grad_fn(params, batch)
         updates, state = tx.update(g, state, params)
         return optax.apply_updates(params, updates), state
 
     data = {"x": x_train, "y": y_train}
     for _ in range(150):
-        b = sampler.sample()
-        params, state = step(params, state, b.take(data), b.mask)
+        params, state = step(params, state, sampler.sample().take(data))
     acc = float(jnp.mean(jnp.argmax(model.apply(params, x_test), -1) == y_test))
     assert acc > 0.75, acc
     eps = dpjax.epsilon(state, delta=1e-5)
@@ -38,6 +37,7 @@ def test_private_training_on_digits_learns_and_accounts(mlp_setup, digits):
     assert 0 < eps < 10
     statement = dpjax.privacy_statement(state, delta=1e-5, l2_clip_norm=1.0)
     assert "150" in statement
+    assert "provenance: verified" in statement
 
 
 def test_ledger_describes_the_sampler_that_trains():

@@ -14,15 +14,25 @@ from dpjax import accounting
 from dpjax.clipping import ClippedGradient
 
 SIGMA, CLIP, EB, N = 1.3, 0.8, 50.0, 1000
+# Stamps of real draws of a sampler with the (N, q) that make_tx declares.
+SAMPLER = dpjax.PoissonSampler(N, expected_batch_size=EB, seed=0)
+FIXED = dpjax.FixedSizeSampler(N, batch_size=int(EB), seed=0)
 
 
-def zero_clipped(params, sensitivity=CLIP):
+def stamp(step, part=None, sampler=SAMPLER):
+    """The provenance of the sampler's draw of ``step`` (of micro-batch ``part = (i, k)``)."""
+    b = sampler.batch_at(step)
+    return (b if part is None else b.micro_batches(part[1])[part[0]]).provenance()
+
+
+def zero_clipped(params, step=0, sensitivity=CLIP, part=None, sampler=SAMPLER):
     """A clipped sum that is exactly zero, so updates are pure noise / E[B]."""
     return ClippedGradient(
         sensitivity=sensitivity,
         sum=jax.tree_util.tree_map(jnp.zeros_like, params),
         num_examples=jnp.zeros((), jnp.int32),
         num_nonfinite=jnp.zeros((), jnp.int32),
+        provenance=stamp(step, part, sampler),
     )
 
 
@@ -35,12 +45,12 @@ def make_tx(inner=None, **kw):
 PARAMS = {"a": jnp.zeros((200, 50)), "b": jnp.zeros((10_000,))}
 
 
-def noise_draws(tx, steps, params=PARAMS):
+def noise_draws(tx, steps, params=PARAMS, sampler=SAMPLER):
     state = tx.init(params)
     update = jax.jit(tx.update)
     out = []
-    for _ in range(steps):
-        u, state = update(zero_clipped(params), state, params)
+    for t in range(steps):
+        u, state = update(zero_clipped(params, t, sampler=sampler), state, params)
         out.append(u)
     return out, state
 
@@ -95,8 +105,8 @@ def test_divides_by_public_expected_batch_size_not_realised_size(mlp_setup, digi
     _, params, loss_fn = mlp_setup
     x, y = digits
     grad_fn = dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP)
-    g1 = grad_fn(params, {"x": x[:20], "y": y[:20]})
-    g2 = grad_fn(params, {"x": x[20:27], "y": y[20:27]})
+    g1 = grad_fn(params, {"x": x[:20], "y": y[:20]}).replace(provenance=stamp(0))
+    g2 = grad_fn(params, {"x": x[20:27], "y": y[20:27]}).replace(provenance=stamp(0))
     tx = make_tx()
     state = tx.init(params)
     u1, _ = tx.update(g1, state, params)
@@ -137,14 +147,14 @@ def test_ledger_survives_checkpoint_and_resume_continues():
     params = {"w": jnp.zeros(4)}
     update = jax.jit(tx.update)
     state = tx.init(params)
-    for _ in range(3):
-        _, state = update(zero_clipped(params), state, params)
+    for t in range(3):
+        _, state = update(zero_clipped(params, t), state, params)
     blob = flax.serialization.to_bytes(state)
     restored = flax.serialization.from_bytes(tx.init(params), blob)
     assert dpjax.steps_taken(restored) == 3
     # Continuing from the restore equals continuing without it (same noise key stream).
-    u_direct, s_direct = update(zero_clipped(params), state, params)
-    u_restored, s_restored = update(zero_clipped(params), restored, params)
+    u_direct, s_direct = update(zero_clipped(params, 3), state, params)
+    u_restored, s_restored = update(zero_clipped(params, 3), restored, params)
     np.testing.assert_array_equal(u_direct["w"], u_restored["w"])
     assert dpjax.steps_taken(s_restored) == 4
     assert dpjax.epsilon(s_restored, 1e-5) == dpjax.epsilon(s_direct, 1e-5)
@@ -154,7 +164,8 @@ def test_gradient_accumulation_adds_noise_once_per_logical_batch(mlp_setup, digi
     _, params, loss_fn = mlp_setup
     x, y = digits
     grad_fn = jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP))
-    parts = [grad_fn(params, {"x": x[i * 8 : (i + 1) * 8], "y": y[i * 8 : (i + 1) * 8]}) for i in range(4)]
+    parts = [grad_fn(params, {"x": x[i * 8 : (i + 1) * 8], "y": y[i * 8 : (i + 1) * 8]}).replace(
+        provenance=stamp(0, (i, 4))) for i in range(4)]
     acc_tx = make_tx(accumulation_steps=4)
     one_tx = make_tx()
     state = acc_tx.init(params)
@@ -170,6 +181,7 @@ def test_gradient_accumulation_adds_noise_once_per_logical_batch(mlp_setup, digi
         sum=jax.tree_util.tree_map(lambda *xs: sum(xs), *[p.sum for p in parts]),
         num_examples=jnp.int32(32),
         num_nonfinite=jnp.int32(0),
+        provenance=stamp(0),
     )
     u_one, _ = one_tx.update(total, one_tx.init(params), params)
     for a, b in zip(jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(u_one)):
@@ -183,7 +195,7 @@ def test_accumulated_noise_variance_is_exactly_one_draw():
     update = jax.jit(tx.update)
     finals = []
     for i in range(3 * k):
-        u, state = update(zero_clipped(PARAMS), state, PARAMS)
+        u, state = update(zero_clipped(PARAMS, i // k, part=(i % k, k)), state, PARAMS)
         if (i + 1) % k == 0:
             finals.append(np.asarray(u["b"]))
     assert dpjax.steps_taken(state) == 3
@@ -200,11 +212,11 @@ def test_budget_guard_raises_before_applying():
     assert 0 < max_steps < 1000
     params = {"w": jnp.zeros(3)}
     state = tx.init(params)
-    for _ in range(max_steps):
-        _, state = tx.update(zero_clipped(params), state, params)
+    for t in range(max_steps):
+        _, state = tx.update(zero_clipped(params, t), state, params)
     assert dpjax.epsilon(state, 1e-5) <= 1.5
     with pytest.raises(dpjax.PrivacyBudgetExceeded, match="budget"):
-        tx.update(zero_clipped(params), state, params)
+        tx.update(zero_clipped(params, max_steps), state, params)
     assert dpjax.steps_taken(state) == max_steps
     with pytest.raises(dpjax.PrivacyBudgetExceeded):
         dpjax.check_budget(state)
@@ -216,10 +228,10 @@ def test_budget_guard_under_jit_refuses_step():
     state = tx.init(params)
     update = jax.jit(tx.update)
     max_steps = int(dpjax.ledger.find_ledger(state).max_steps)
-    for _ in range(max_steps):
+    for t in range(max_steps):
         dpjax.check_budget(state)
-        _, state = update(zero_clipped(params), state, params)
-    u, state = update(zero_clipped(params), state, params)
+        _, state = update(zero_clipped(params, t), state, params)
+    u, state = update(zero_clipped(params, max_steps), state, params)
     np.testing.assert_array_equal(u["w"], 0.0)
     assert dpjax.steps_taken(state) == max_steps
     assert int(dpjax.ledger.find_ledger(state).refused_steps) == 1
@@ -228,7 +240,12 @@ def test_budget_guard_under_jit_refuses_step():
 
 
 def test_dp_sgd_and_dp_adam_equal_privatize():
-    g = ClippedGradient(sensitivity=1.0, sum={"w": jnp.arange(3.0)}, num_examples=jnp.int32(3), num_nonfinite=jnp.int32(0))
+    sampler = dpjax.PoissonSampler(500, expected_batch_size=32, seed=0)
+
+    def g(t):
+        return ClippedGradient(sensitivity=1.0, sum={"w": jnp.arange(3.0)}, num_examples=jnp.int32(3),
+                               num_nonfinite=jnp.int32(0), provenance=sampler.batch_at(t).provenance())
+
     params = {"w": jnp.ones(3)}
     pairs = [
         (
@@ -244,9 +261,9 @@ def test_dp_sgd_and_dp_adam_equal_privatize():
     ]
     for a, b in pairs:
         sa, sb = a.init(params), b.init(params)
-        for _ in range(2):
-            ua, sa = a.update(g, sa, params)
-            ub, sb = b.update(g, sb, params)
+        for t in range(2):
+            ua, sa = a.update(g(t), sa, params)
+            ub, sb = b.update(g(t), sb, params)
             np.testing.assert_array_equal(ua["w"], ub["w"])
 
 
@@ -291,7 +308,7 @@ def test_bad_inputs_name_the_parameter(kw, match):
 
 def test_fixed_size_sampling_ledger_uses_replace_one_accounting():
     tx = make_tx(sampling="fixed_size")
-    _, state = noise_draws(tx, 2, {"w": jnp.zeros(2)})
+    _, state = noise_draws(tx, 2, {"w": jnp.zeros(2)}, sampler=FIXED)
     expected = accounting.epsilon(
         noise_multiplier=SIGMA, steps=2, delta=1e-5, sampling_rate=EB / N,
         sampling="fixed_size", dataset_size=N, batch_size=int(EB),

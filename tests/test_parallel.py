@@ -174,6 +174,16 @@ def test_noise_added_exactly_once(checks):
     assert r["wrong_variance_ratio"] > 8
 
 
+def test_provenance_is_checked_in_the_data_parallel_step(checks):
+    """The stamp travels through shard_batch and the shard_map; replaying a draw is
+    refused inside the jitted parallel step: nothing applied, check_budget says why."""
+    r = _result(checks, "provenance")
+    assert r["steps"] == [1, 1]
+    assert r["unchanged"] == 0.0
+    assert r["refused"] and "not drawn for the step" in r["refused"]
+    assert r["warned"]
+
+
 def test_fit_with_mesh_is_the_same_on_1_and_4_devices(checks):
     r = _result(checks, "fit")
     assert r["diff"] <= 1e-5

@@ -228,14 +228,14 @@ def test_jitted_step_compiles_at_most_once_per_bucket():
     traces = []
 
     @jax.jit
-    def masked_sum(batch_data, mask):
-        traces.append(batch_data["x"].shape)  # runs only while tracing
-        return jnp.sum(jnp.where(mask[:, None], batch_data["x"], 0.0))
+    def masked_sum(batch):
+        traces.append(batch.data["x"].shape)  # runs only while tracing
+        return jnp.sum(jnp.where(batch.mask[:, None], batch.data["x"], 0.0))
 
     s = PoissonSampler(n, expected_batch_size=50, seed=0)
     for _ in range(300):
         b = s.sample()
-        got = masked_sum(b.take(data), b.mask)
+        got = masked_sum(b.take(data))  # the stamp changes every step without a recompile
         want = data["x"][b.indices[: b.size]].sum()
         np.testing.assert_allclose(float(got), want, rtol=1e-6)  # padding adds 0
     assert len(traces) <= len(s.bucket_sizes)
@@ -247,7 +247,10 @@ def test_take_pytrees_numpy_and_jax():
     b = s.sample()
     xs = np.arange(40, dtype=np.float32).reshape(20, 2)
     ys = jnp.arange(20)
-    out = b.take({"a": (xs, ys), "b": None})
+    taken = b.take({"a": (xs, ys), "b": None})
+    np.testing.assert_array_equal(taken.mask, b.mask)
+    assert int(taken.provenance.step) == b.step
+    out = taken.data
     a_x, a_y = out["a"]
     assert isinstance(a_x, np.ndarray) and isinstance(a_y, jax.Array)
     assert a_x.shape == (b.bucket_size, 2) and a_y.shape == (b.bucket_size,)
@@ -259,9 +262,9 @@ def test_take_pytrees_numpy_and_jax():
 
 def test_take_refuses_short_leaf():
     b = PoissonSampler(20, sampling_rate=1.0, seed=0).sample()
-    with pytest.raises(ValueError, match="leading"):
+    with pytest.raises(ValueError, match="exactly 20 rows"):
         b.take(jnp.arange(10))  # JAX would silently clamp
-    with pytest.raises(ValueError, match="leading"):
+    with pytest.raises(ValueError, match="exactly 20 rows"):
         b.take(np.float32(1.0))
 
 
