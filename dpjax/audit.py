@@ -15,10 +15,10 @@ What is here:
   included in the data set with probability ½; an included canary joins each
   step's Poisson batch with probability ``q``, like any example, and its
   per-example gradient (norm ``canary_norm >= C``) is clipped to ``C`` exactly
-  as :func:`dpjax.clipped_grad` clips, so it contributes ``C·u_j``.
-  :func:`add_canary_gradients` adds these contributions to a
-  :class:`~dpjax.clipping.ClippedGradient` *before* the noise step.
-  **Audit only**: it injects gradients that no data produced.
+  as :func:`dpjax.clipped_grad` clips, so it contributes ``C·u_j``. A canary
+  is a data row whose loss is linear in the parameters, so its gradient goes
+  through the real ``clipped_grad`` → ``PoissonSampler`` → ``privatize``
+  pipeline, in any of the supported loop forms (:data:`LOOP_FORMS`).
 * **Input-space canaries** (black-box): mislabelled digits examples
   (:func:`input_canaries`), scored by their loss on the wrong label.
 * **One-run auditing** (Steinke, Nasr & Jagielski, NeurIPS 2023, "Privacy
@@ -55,6 +55,7 @@ from scipy import stats
 
 from dpjax import accounting, validation
 from dpjax.clipping import ClippedGradient, clipped_grad
+from dpjax import ledger as ledger_lib
 from dpjax.noise import privatize
 from dpjax.sampling import PoissonSampler
 
@@ -72,8 +73,8 @@ __all__ = [
     "MembershipResult",
     "label_only_scores",
     "canary_directions",
-    "add_canary_gradients",
     "input_canaries",
+    "LOOP_FORMS",
     "audit_dpsgd",
     "audit_input_canaries",
     "AuditResult",
@@ -302,36 +303,6 @@ def canary_directions(num_params: int, num_canaries: int, seed: int = 0) -> np.n
     return u / np.linalg.norm(u, axis=1, keepdims=True)
 
 
-def add_canary_gradients(g: ClippedGradient, directions: jax.Array, participating: jax.Array,
-                         canary_norm: float, unravel: Callable) -> ClippedGradient:
-    """**Audit only.** ``g`` plus the clipped gradients of the participating
-    gradient-space canaries.
-
-    Canary ``j``'s per-example gradient is ``canary_norm · u_j``; it is clipped
-    to ``g.sensitivity`` (= C for flat clipping) with the same factor
-    ``C / max(norm, C)`` that :func:`dpjax.clipped_grad` uses, so it adds
-    exactly ``C · u_j`` to the sum when ``canary_norm >= C``.
-
-    Args:
-      g: the real examples' clipped sum.
-      directions: ``(m, d)`` unit rows (:func:`canary_directions`).
-      participating: ``(m,)`` 0/1: canary in this step's batch.
-      canary_norm: norm of each canary's unclipped gradient.
-      unravel: maps a flat ``(d,)`` vector to the params pytree
-        (``jax.flatten_util.ravel_pytree(params)[1]``).
-    """
-    c = g.sensitivity
-    factor = c / max(float(canary_norm), c)
-    w = participating.astype(jnp.float32) * (float(canary_norm) * factor)
-    return _add_flat(g, unravel(w @ directions), participating)
-
-
-def _add_flat(g: ClippedGradient, delta_tree: PyTree, participating) -> ClippedGradient:
-    new_sum = jax.tree_util.tree_map(lambda s, d: s + d.astype(s.dtype), g.sum, delta_tree)
-    n = g.num_examples + jnp.sum(participating.astype(g.num_examples.dtype))
-    return g.replace(sum=new_sum, num_examples=n)
-
-
 def input_canaries(x, y, num_canaries: int, *, num_classes: int = 10, seed: int = 0):
     """Black-box canaries: ``num_canaries`` examples of ``x`` with a wrong label
     (uniform over the other classes). Returns ``(x_canary, y_canary)``."""
@@ -367,12 +338,12 @@ class AuditResult:
                 f"(delta = {self.delta:g})")
 
 
-def default_optimizer_factory(*, noise_multiplier, l2_clip_norm, expected_batch_size,
-                              sampling_rate, seed, learning_rate):
-    """dpjax's DP-SGD: ``privatize(optax.sgd(learning_rate), ...)``."""
+def default_optimizer_factory(*, noise_multiplier, l2_clip_norm, sampler, seed, learning_rate,
+                              accumulation_steps=1):
+    """dpjax's DP-SGD: ``privatize(optax.sgd(learning_rate), ..., sampler=sampler)``."""
     return privatize(optax.sgd(learning_rate), noise_multiplier=noise_multiplier,
-                     l2_clip_norm=l2_clip_norm, expected_batch_size=expected_batch_size,
-                     sampling_rate=sampling_rate, seed=seed)
+                     l2_clip_norm=l2_clip_norm, sampler=sampler, seed=seed,
+                     accumulation_steps=accumulation_steps)
 
 
 def _mlp(hidden):
@@ -385,25 +356,153 @@ def _combine(audits: Dict[str, OneRunResult]) -> float:
     return max(a.epsilon_lower for a in audits.values())
 
 
+# The loop forms the audit can run, each exactly as the README writes it.
+LOOP_FORMS = ("plain", "accumulation", "microbatch", "nnx")
+_ACCUMULATION_STEPS = 4
+_MICROBATCH_SIZE = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class _AuditedLoop:
+    """What one run of the audited training loop needs."""
+
+    form: str
+    data: Dict[str, np.ndarray]  # real rows, then one row per included canary
+    directions: jax.Array  # (m, d) canary directions
+    canary_norm: float
+    l2_clip_norm: float
+    noise_multiplier: float
+    learning_rate: float
+    method: str
+    seed: int
+
+
+def _canary_population(x, y, included: np.ndarray) -> Dict[str, np.ndarray]:
+    """The audited data set: the real rows and a row for every included canary.
+
+    A canary row ``j`` holds ``canary = j`` (real rows: ``-1``); its loss is
+    linear in the parameters (see :func:`_with_canaries`), so its gradient is
+    ``canary_norm · u_j``, whatever the model.
+    """
+    ids = np.flatnonzero(included).astype(np.int32)
+    zeros_x = np.zeros((len(ids),) + np.shape(x)[1:], np.float32)
+    return {"x": np.concatenate([np.asarray(x, np.float32), zeros_x]),
+            "y": np.concatenate([np.asarray(y, np.int32), np.zeros(len(ids), np.int32)]),
+            "canary": np.concatenate([np.full(len(x), -1, np.int32), ids])}
+
+
+def _with_canaries(logits_of, flat_params_of, canary_norm: float):
+    """The per-example loss: cross-entropy for real rows, ``canary_norm·⟨u_j, θ⟩`` for canary j."""
+
+    def loss_fn(params, batch, directions):
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits_of(params, batch["x"]), batch["y"])
+        is_canary = batch["canary"] >= 0
+        u = directions[jnp.maximum(batch["canary"], 0)]
+        linear = canary_norm * (u @ flat_params_of(params))
+        return jnp.mean(jnp.where(is_canary, linear, ce))
+
+    return loss_fn
+
+
+def _linen_updates(loop: _AuditedLoop, sampler, params0, model, optimizer_factory, clip_factory):
+    """Noisy updates of the plain, accumulation or microbatch loop (flat, one per noisy step)."""
+    loss_fn = _with_canaries(model.apply, lambda p: ravel_pytree(p)[0], loop.canary_norm)
+    microbatch = _MICROBATCH_SIZE if loop.form == "microbatch" else None
+    grad_fn = clip_factory(loss_fn, l2_clip_norm=loop.l2_clip_norm, method=loop.method,
+                           microbatch_size=microbatch)
+    k = _ACCUMULATION_STEPS if loop.form == "accumulation" else 1
+    tx = optimizer_factory(noise_multiplier=loop.noise_multiplier, l2_clip_norm=loop.l2_clip_norm,
+                           sampler=sampler, seed=loop.seed + 20_000, learning_rate=loop.learning_rate,
+                           **({"accumulation_steps": k} if k > 1 else {}))
+
+    @jax.jit
+    def step(params, state, batch, directions):
+        updates, state = tx.update(grad_fn(params, batch, directions), state, params)
+        return optax.apply_updates(params, updates), state, ravel_pytree(updates)[0]
+
+    params, state = params0, tx.init(params0)
+
+    def one_step():
+        nonlocal params, state
+        parts = [sampler.sample()] if k == 1 else sampler.sample_micro_batches(k)
+        total = 0.0
+        for part in parts:  # zero updates until the last micro-batch of the draw
+            params, state, flat = step(params, state, part.take(loop.data), loop.directions)
+            total = total + flat
+        return total
+
+    return one_step, lambda: state
+
+
+def _nnx_updates(loop: _AuditedLoop, sampler, hidden: int, optimizer_factory, clip_factory):
+    """Noisy updates of the NNX loop (``dpjax.nnx.Optimizer`` under ``nnx.jit``)."""
+    from flax import nnx
+
+    from dpjax.models import NnxMLP
+    from dpjax.nnx import Optimizer
+
+    in_features = int(np.prod(loop.data["x"].shape[1:]))
+    model = NnxMLP(in_features, 10, hidden, rngs=nnx.Rngs(loop.seed))
+
+    def flat_params(m):
+        return ravel_pytree(nnx.as_pure(nnx.state(m, nnx.Param)))[0]
+
+    loss_fn = _with_canaries(lambda m, x: m(x), flat_params, loop.canary_norm)
+    grad_fn = clip_factory(loss_fn, l2_clip_norm=loop.l2_clip_norm, method=loop.method, microbatch_size=None)
+    tx = optimizer_factory(noise_multiplier=loop.noise_multiplier, l2_clip_norm=loop.l2_clip_norm,
+                           sampler=sampler, seed=loop.seed + 20_000, learning_rate=loop.learning_rate)
+    optimizer = Optimizer(model, tx)
+
+    @nnx.jit
+    def step(model, optimizer, batch, directions):
+        updates = optimizer.update(model, grad_fn(model, batch, directions))
+        return ravel_pytree(updates)[0]
+
+    def one_step():
+        return step(model, optimizer, sampler.sample().take(loop.data), loop.directions)
+
+    return one_step, lambda: optimizer, int(flat_params(model).shape[0])
+
+
+def _check_ledger(state, steps: int) -> None:
+    """The ledger (if the optimizer has one: a planted one may not) counted every noisy step
+    and refused none."""
+    try:
+        ledger = ledger_lib.find_ledger(state)
+    except ValueError:
+        return
+    ledger_lib.check_budget(state)
+    if int(ledger.steps) != steps:
+        raise RuntimeError(f"the ledger counted {int(ledger.steps)} of {steps} noisy steps")
+
+
 def audit_dpsgd(*, noise_multiplier: float = 3.0, steps: int = 10, sampling_rate: float = 0.5,
                 num_canaries: int = 2000, num_real: int = 16, l2_clip_norm: float = 1.0,
                 canary_norm: Optional[float] = None, learning_rate: float = 0.5,
                 hidden: int = 128, delta: float = 1e-5, confidence: float = 0.95,
                 num_guesses: Optional[int] = None, score: str = "auto", seed: int = 0,
-                accountant: str = "pld",
+                accountant: str = "pld", loop: str = "plain", method: str = "vmap",
                 optimizer_factory: Callable = default_optimizer_factory,
-                insert_canaries: Callable = add_canary_gradients) -> AuditResult:
+                clip_factory: Callable = clipped_grad) -> AuditResult:
     """One-run white-box audit of dpjax's DP-SGD with gradient-space canaries.
 
-    Trains an MLP (``hidden`` units) on ``num_real`` digits examples with the
-    real :func:`dpjax.clipped_grad` and the optimizer from
-    ``optimizer_factory`` (default: :func:`dpjax.privatize` around SGD).
-    ``num_canaries`` canaries are each included with probability ½; the data
-    set (real examples and included canaries) is Poisson-sampled with rate
-    ``sampling_rate`` by a :class:`dpjax.PoissonSampler`, and the sampled
-    canaries' clipped gradients are added by ``insert_canaries``
-    (:func:`add_canary_gradients`). The auditor sees every update ``Δ_t`` and
-    scores canary ``j`` by
+    Trains an MLP (``hidden`` units) on ``num_real`` digits examples plus the
+    included canaries with the real public API, in the loop form ``loop``:
+
+    * ``"plain"``: ``clipped_grad`` + ``privatize(sampler=...)`` under ``jax.jit``;
+    * ``"accumulation"``: ``privatize(accumulation_steps=4)`` fed the four parts
+      of ``sampler.sample_micro_batches(4)``;
+    * ``"microbatch"``: ``clipped_grad(microbatch_size=128)``;
+    * ``"nnx"``: an NNX MLP, ``dpjax.nnx.Optimizer`` under ``nnx.jit``.
+
+    Each of the ``num_canaries`` canaries is included in the data set with
+    probability ½, as a row whose loss is ``canary_norm·⟨u_j, θ⟩``: its
+    per-example gradient ``canary_norm·u_j`` goes through the same
+    ``clipped_grad`` as the real rows and contributes ``C·u_j`` when sampled.
+    Every row, canary or real, is Poisson-sampled at ``sampling_rate`` by a
+    :class:`dpjax.PoissonSampler` and taken with ``batch.take`` (so
+    ``privatize`` checks its provenance). The auditor sees every noisy update
+    ``Δ_t`` and scores canary ``j`` by
 
     * ``"sum"``: ``-⟨u_j, Σ_t Δ_t⟩`` (SGD moves against the gradient);
     * ``"variance"``: the variance over steps of ``⟨u_j, Δ_t⟩`` (catches noise
@@ -411,13 +510,14 @@ def audit_dpsgd(*, noise_multiplier: float = 3.0, steps: int = 10, sampling_rate
     * ``"auto"`` (default): both, each at confidence ``1 - (1-confidence)/2``
       (Bonferroni), reporting the larger bound.
 
-    ``optimizer_factory`` and ``insert_canaries`` exist so tests can plant
-    bugs; the accounted ε is always that of the *claimed* mechanism
-    (``noise_multiplier``, ``steps``, ``sampling_rate``, ``delta``).
-    The expected batch size (the public normaliser) is
-    ``sampling_rate · (num_real + num_canaries / 2)``.
+    ``optimizer_factory`` (keyword arguments ``noise_multiplier``,
+    ``l2_clip_norm``, ``sampler``, ``seed``, ``learning_rate`` and, for the
+    accumulation loop, ``accumulation_steps``) and ``clip_factory`` (called
+    like :func:`dpjax.clipped_grad`) exist so tests can plant bugs; the
+    accounted ε is always that of the *claimed* mechanism.
     """
     validation.check_choice("score", score, {"sum", "variance", "auto"})
+    validation.check_choice("loop", loop, set(LOOP_FORMS))
     steps = validation.check_positive_int("steps", steps)
     m = validation.check_positive_int("num_canaries", num_canaries)
     canary_norm = 10.0 * l2_clip_norm if canary_norm is None else float(canary_norm)
@@ -428,51 +528,23 @@ def audit_dpsgd(*, noise_multiplier: float = 3.0, steps: int = 10, sampling_rate
     from dpjax.datasets import load_digits
 
     data = load_digits(seed=0)
-    x = jnp.asarray(data["x_train"][:num_real])
-    y = jnp.asarray(data["y_train"][:num_real])
+    x, y = data["x_train"][:num_real], data["y_train"][:num_real]
+    included = np.random.default_rng([seed, 1]).random(m) < 0.5
+    population = _canary_population(x, y, included)
+    sampler = PoissonSampler(len(population["y"]), sampling_rate=sampling_rate, seed=seed + 30_000,
+                             bucket_sizes=(len(population["y"]),))
     model = _mlp(hidden)
-    params = model.init(jax.random.PRNGKey(seed), x[:1])
-    flat0, unravel = ravel_pytree(params)
-    d = flat0.shape[0]
-    rng = np.random.default_rng([seed, 1])
-    included = rng.random(m) < 0.5
-    directions = jnp.asarray(canary_directions(d, m, seed=seed + 10_000))
-
-    def loss_fn(p, batch):
-        logits = model.apply(p, batch["x"])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-
-    grad_fn = clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, method="vmap")
-    expected_batch = sampling_rate * (num_real + m / 2)
-    tx = optimizer_factory(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                           expected_batch_size=expected_batch, sampling_rate=sampling_rate,
-                           seed=seed + 20_000, learning_rate=learning_rate)
-    state = tx.init(params)
-
-    @jax.jit
-    def step(params, state, real_mask, participating):
-        g = grad_fn(params, {"x": x, "y": y}, mask=real_mask)
-        g = insert_canaries(g, directions, participating, canary_norm, unravel)
-        updates, state = tx.update(g, state, params)
-        proj = directions @ ravel_pytree(updates)[0]
-        return optax.apply_updates(params, updates), state, proj
-
-    # One Poisson sampler over real examples and canaries; excluded canaries
-    # are simply never used (they are not in the data set).
-    sampler = PoissonSampler(num_real + m, sampling_rate=sampling_rate, seed=seed + 30_000,
-                             bucket_sizes=(num_real + m,))
-    projections = []
-    for _ in range(steps):
-        batch = sampler.sample()
-        idx = batch.indices[batch.mask]
-        real_mask = np.zeros(num_real, bool)
-        real_mask[idx[idx < num_real]] = True
-        part = np.zeros(m, bool)
-        part[idx[idx >= num_real] - num_real] = True
-        part &= included
-        params, state, proj = step(params, state, jnp.asarray(real_mask), jnp.asarray(part))
-        projections.append(np.asarray(proj))
-    proj = np.stack(projections)  # (steps, m)
+    params = model.init(jax.random.PRNGKey(seed), jnp.asarray(x[:1]))
+    d = int(ravel_pytree(params)[0].shape[0])
+    settings = _AuditedLoop(loop, population, jnp.asarray(canary_directions(d, m, seed=seed + 10_000)),
+                            canary_norm, l2_clip_norm, noise_multiplier, learning_rate, method, seed)
+    if loop == "nnx":
+        one_step, final_state, d_nnx = _nnx_updates(settings, sampler, hidden, optimizer_factory, clip_factory)
+        assert d_nnx == d, (d_nnx, d)  # the same MLP, so the same directions fit
+    else:
+        one_step, final_state = _linen_updates(settings, sampler, params, model, optimizer_factory, clip_factory)
+    proj = np.stack([np.asarray(settings.directions @ one_step()) for _ in range(steps)])  # (steps, m)
+    _check_ledger(final_state(), steps)
     scores = {"sum": -proj.sum(axis=0), "variance": proj.var(axis=0)}
     names = ["sum", "variance"] if score == "auto" else [score]
     conf = 1.0 - (1.0 - confidence) / len(names)
@@ -481,7 +553,8 @@ def audit_dpsgd(*, noise_multiplier: float = 3.0, steps: int = 10, sampling_rate
         score=n) for n in names}
     setting = dict(noise_multiplier=noise_multiplier, steps=steps, sampling_rate=sampling_rate,
                    num_canaries=m, num_real=num_real, l2_clip_norm=l2_clip_norm,
-                   canary_norm=canary_norm, num_params=int(d), accountant=accountant, seed=seed)
+                   canary_norm=canary_norm, num_params=d, accountant=accountant, seed=seed,
+                   loop=loop, method=method)
     return AuditResult(_combine(audits), eps_acc, delta, confidence, audits,
                        {n: scores[n] for n in names}, included, setting)
 
@@ -524,23 +597,19 @@ def train_classifier(x, y, *, steps: int, noise_multiplier: Optional[float] = No
             params, state = step(params, state)
     else:
         n = x.shape[0]
+        sampler = PoissonSampler(n, sampling_rate=sampling_rate, seed=seed + 2, bucket_sizes=(n,))
         tx = privatize(optax.sgd(learning_rate), noise_multiplier=noise_multiplier,
-                       l2_clip_norm=l2_clip_norm, expected_batch_size=sampling_rate * n,
-                       num_examples=n, seed=seed + 1)
+                       l2_clip_norm=l2_clip_norm, sampler=sampler, seed=seed + 1)
         state = tx.init(params)
         grad_fn = clipped_grad(loss_fn, l2_clip_norm=l2_clip_norm, method="vmap")
 
         @jax.jit
-        def step(p, s, mask):
-            u, s = tx.update(grad_fn(p, data, mask=mask), s, p)
+        def step(p, s, batch):
+            u, s = tx.update(grad_fn(p, batch), s, p)
             return optax.apply_updates(p, u), s
 
-        sampler = PoissonSampler(n, sampling_rate=sampling_rate, seed=seed + 2, bucket_sizes=(n,))
         for _ in range(steps):
-            b = sampler.sample()
-            mask = np.zeros(n, bool)
-            mask[b.indices[b.mask]] = True
-            params, state = step(params, state, jnp.asarray(mask))
+            params, state = step(params, state, sampler.sample().take(data))
 
     apply = jax.jit(model.apply)
     return (lambda inputs: apply(params, jnp.asarray(inputs))), params
@@ -651,8 +720,8 @@ def run(*, out: Optional[str] = None, **kwargs) -> AuditResult:
     summary printed; with ``out``, writes ``audit_scores.png`` and ``audit.json``."""
     result = audit_dpsgd(**kwargs)
     s = result.setting
-    print(f"DP-SGD audit: {s['num_canaries']} gradient canaries, {s['num_real']} real digits "
-          f"examples, {s['num_params']} parameters; sigma = {s['noise_multiplier']:g}, "
+    print(f"DP-SGD audit ({s['loop']} loop): {s['num_canaries']} gradient canaries, {s['num_real']} real "
+          f"digits examples, {s['num_params']} parameters; sigma = {s['noise_multiplier']:g}, "
           f"q = {s['sampling_rate']:g}, steps = {s['steps']}")
     for a in result.audits.values():
         print(f"  score {a.score!r}: {a.num_correct}/{a.num_guesses} right guesses -> "
@@ -693,6 +762,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--confidence", type=float, default=0.95,
                    help="confidence of the lower bound (default 0.95)")
     g.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    g.add_argument("--loop", choices=LOOP_FORMS, default="plain",
+                   help="the training-loop form to audit: plain, accumulation (4 micro-batches of one "
+                        "draw), microbatch (clipped_grad(microbatch_size=128)) or nnx (dpjax.nnx.Optimizer); "
+                        "default plain")
     parser.add_argument("--demo-config", action="store_true",
                         help="audit the privacy setting of `dpjax train`'s defaults instead: all "
                              "1,437 digits training examples, full batch (q = 1), the default "
@@ -714,5 +787,6 @@ def run_cli(args: argparse.Namespace) -> int:
             target_epsilon=3.0, delta=args.delta, sampling_rate=1.0, steps=steps)
     run(out=args.out, noise_multiplier=args.noise_multiplier, steps=args.steps,
         sampling_rate=args.sampling_rate, num_canaries=args.num_canaries,
-        num_real=args.num_real, delta=args.delta, confidence=args.confidence, seed=args.seed)
+        num_real=args.num_real, delta=args.delta, confidence=args.confidence, seed=args.seed,
+        loop=args.loop)
     return 0

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from dpjax import audit
+import dpjax
 from dpjax.clipping import ClippedGradient
 
 # The strong demo configuration: 2000 canaries, 16 real examples, large canary
@@ -54,30 +55,28 @@ def _no_noise(**kw):
     return audit.default_optimizer_factory(**{**kw, "noise_multiplier": 1e-6})
 
 
-def _noise_divided_twice(*, noise_multiplier, l2_clip_norm, expected_batch_size, sampling_rate,
-                         seed, learning_rate):
+def _noise_divided_twice(*, noise_multiplier, l2_clip_norm, sampler, seed, learning_rate):
     return _noise_step(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                       expected_batch_size=expected_batch_size, learning_rate=learning_rate,
-                       seed=seed, extra_divide=expected_batch_size)
+                       expected_batch_size=sampler.expected_batch_size, learning_rate=learning_rate,
+                       seed=seed, extra_divide=sampler.expected_batch_size)
 
 
-def _reused_key(*, noise_multiplier, l2_clip_norm, expected_batch_size, sampling_rate, seed,
-                learning_rate):
+def _reused_key(*, noise_multiplier, l2_clip_norm, sampler, seed, learning_rate):
     return _noise_step(noise_multiplier=noise_multiplier, l2_clip_norm=l2_clip_norm,
-                       expected_batch_size=expected_batch_size, learning_rate=learning_rate,
+                       expected_batch_size=sampler.expected_batch_size, learning_rate=learning_rate,
                        seed=seed, key_per_step=False)
 
 
-def _unclipped_canaries(g, directions, participating, canary_norm, unravel):
-    # Clipping skipped: the canary gradient (10 C) goes into the sum as is.
-    w = participating.astype(jnp.float32) * canary_norm
-    return audit._add_flat(g, unravel(w @ directions), participating)
+def _clipping_skipped(loss_fn, *, l2_clip_norm, **kw):
+    # Clips at 100 C (so the 10 C canaries pass unclipped) but claims sensitivity C.
+    grad_fn = dpjax.clipped_grad(loss_fn, l2_clip_norm=100 * l2_clip_norm, **kw)
+    return lambda *a, **k: grad_fn(*a, **k).replace(sensitivity=l2_clip_norm)
 
 
 BROKEN = {
     "no_noise": dict(optimizer_factory=_no_noise),
     "noise_divided_by_batch_twice": dict(optimizer_factory=_noise_divided_twice),
-    "clipping_skipped": dict(insert_canaries=_unclipped_canaries),
+    "clipping_skipped": dict(clip_factory=_clipping_skipped),
     "prng_key_reused": dict(optimizer_factory=_reused_key),
 }
 
@@ -142,6 +141,16 @@ def test_roc_and_membership_metrics():
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("loop", ["accumulation", "microbatch", "nnx"])
+def test_every_supported_loop_form_passes_the_audit(loop):
+    """The canaries go through the loop exactly as a user writes it (sampler.take,
+    clipped_grad, privatize with provenance checks): nothing is flagged."""
+    res = audit.audit_dpsgd(seed=0, loop=loop, **CONFIG)
+    assert 0.0 <= res.epsilon_lower <= res.epsilon_accounted, res.summary()
+    assert res.audits["sum"].num_correct > 0.55 * res.audits["sum"].num_guesses
+    assert res.setting["loop"] == loop
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_real_dpsgd_lower_bound_below_accounted(seed):
     res = audit.audit_dpsgd(seed=seed, **CONFIG)
@@ -167,14 +176,14 @@ def test_black_box_input_canaries_detect_memorisation():
 
 
 def test_canary_contribution_is_exactly_c_times_direction():
+    """A canary row's gradient canary_norm·u_j is clipped by the real clipped_grad to C·u_j."""
     c = 0.7
     directions = jnp.asarray(audit.canary_directions(5, 3, seed=0))
-    g = ClippedGradient(sensitivity=c, sum={"w": jnp.zeros(5)}, num_examples=jnp.array(2),
-                        num_nonfinite=jnp.array(0))
-    out = audit.add_canary_gradients(g, directions, jnp.array([1, 0, 1]), 10 * c,
-                                     lambda v: {"w": v})
-    np.testing.assert_allclose(out.sum["w"], c * (directions[0] + directions[2]), rtol=1e-6)
-    assert int(out.num_examples) == 4
+    loss = audit._with_canaries(lambda p, x: jnp.zeros((x.shape[0], 10)) + p["w"][0], lambda p: p["w"], 10 * c)
+    batch = audit._canary_population(np.zeros((0, 2)), np.zeros(0), np.array([True, False, True]))
+    g = dpjax.clipped_grad(loss, l2_clip_norm=c)({"w": jnp.zeros(5)}, batch, directions)
+    np.testing.assert_allclose(g.sum["w"], c * (directions[0] + directions[2]), rtol=1e-6)
+    assert int(g.num_examples) == 2
 
 
 # --------------------------------------------------------------------------
@@ -199,11 +208,11 @@ def test_membership_inference_private_vs_overfit():
 def test_cli_audit_writes_plot(tmp_path):
     out = tmp_path / "audit"
     proc = subprocess.run(
-        [sys.executable, "-m", "dpjax", "audit", "--num-canaries", "200", "--steps", "4",
+        [sys.executable, "-m", "dpjax", "audit", "--num-canaries", "200", "--steps", "4", "--loop", "nnx",
          "--out", str(out)],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "empirical epsilon lower bound" in proc.stdout
+    assert "empirical epsilon lower bound" in proc.stdout and "(nnx loop)" in proc.stdout
     assert "accounted epsilon" in proc.stdout
     assert (out / "audit_scores.png").stat().st_size > 1000
     assert (out / "audit.json").exists()
