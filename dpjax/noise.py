@@ -416,11 +416,15 @@ def dp_sgd(
     ``privatize(optax.sgd(learning_rate, momentum, nesterov), ...)``. Unlike TF
     Privacy, clipping is per example (not per microbatch) and happens in
     :func:`dpjax.clipped_grad`; the update is divided by the public expected
-    batch size. Other keyword arguments go to :func:`privatize`.
+    batch size. Other keyword arguments (``sampler=`` in particular, instead
+    of ``expected_batch_size``/``num_examples``) go to :func:`privatize`. As
+    with ``privatize``, ``update`` accepts only clipped gradients of batches
+    the described sampler drew (see :mod:`dpjax.provenance`).
 
     >>> import dpjax
-    >>> tx = dpjax.dp_sgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.1,
-    ...                   expected_batch_size=256, num_examples=60_000)
+    >>> sampler = dpjax.PoissonSampler(60_000, expected_batch_size=256)
+    >>> tx = dpjax.dp_sgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.1, sampler=sampler)
+    >>> tx = dpjax.dp_sgd(0.1, 1.0, 1.1, 256, num_examples=60_000)   # the same, by the numbers
     """
     return privatize(
         optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
@@ -448,11 +452,11 @@ def dp_adam(
     seed: Optional[int] = None,
     **privatize_kwargs,
 ) -> optax.GradientTransformation:
-    """DP-Adam in one line: ``privatize(optax.adam(...), ...)``.
+    """DP-Adam in one line: ``privatize(optax.adam(...), ...)`` (see :func:`dp_sgd`).
 
     >>> import dpjax
-    >>> tx = dpjax.dp_adam(1e-3, l2_norm_clip=1.0, noise_multiplier=1.1,
-    ...                    expected_batch_size=256, num_examples=60_000)
+    >>> sampler = dpjax.PoissonSampler(60_000, expected_batch_size=256)
+    >>> tx = dpjax.dp_adam(1e-3, l2_norm_clip=1.0, noise_multiplier=1.1, sampler=sampler)
     """
     return privatize(
         optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),

@@ -314,3 +314,13 @@ def test_nnx_loop_trains_accounts_and_refuses_a_replay(digits):
     assert leaves_equal(nnx.state(model, nnx.Param), before)
     with pytest.raises(dpjax.BatchProvenanceError):
         dpjax.check_budget(optimizer)
+
+
+@pytest.mark.parametrize("module", ["sampling", "noise", "nnx", "clipping", "ledger", "provenance"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"dpjax.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
