@@ -747,3 +747,16 @@ class FixedSizeSampler(_Sampler):
                 f"state bucket_sizes={list(buckets)} does not match batch_size={self._batch_size}"
             )
         return buckets
+
+
+def _refuse_batch_as_pytree(batch: Batch):
+    # A Batch holds indices, not rows: handing it to a jitted function (or any JAX
+    # transformation) is a mistake; say which call was meant instead of JAX's
+    # "not a valid JAX type".
+    raise TypeError(
+        f"{batch!r} holds indices, not rows: pass batch.take(data) (or batch.attach(rows) for rows "
+        "you read yourself), a SampledBatch with the rows, their padding mask and provenance"
+    )
+
+
+jax.tree_util.register_pytree_node(Batch, _refuse_batch_as_pytree, lambda aux, children: None)

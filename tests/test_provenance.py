@@ -51,7 +51,7 @@ def test_sampled_batch_carries_its_mask_so_padding_never_counts(setup):
     sampler = dpjax.PoissonSampler(512, expected_batch_size=16, seed=3)
     b = sampler.sample()
     assert b.bucket_size > b.size  # there is padding (copies of example 0)
-    grad_fn = dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP)
+    grad_fn = jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method="vmap"))
     got = grad_fn(params, b.take(data))  # no mask= anywhere: the batch has it
     real = jax.tree_util.tree_map(lambda a: a[b.indices[: b.size]], data)
     want = grad_fn(params, real)
@@ -63,7 +63,7 @@ def test_sampled_batch_carries_its_mask_so_padding_never_counts(setup):
 def test_padded_rows_handed_over_without_their_mask_are_refused(setup):
     _, params, loss_fn, data = setup
     sampler = dpjax.PoissonSampler(512, expected_batch_size=16, seed=3)
-    tx, grad_fn = private(sampler), dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP)
+    tx, grad_fn = private(sampler), jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method="vmap"))
     rows = sampler.sample().take(data).data  # the rows alone: padding looks real
     with pytest.raises(dpjax.BatchProvenanceError, match="no batch provenance.*take"):
         tx.update(grad_fn(params, rows), tx.init(params), params)
@@ -80,7 +80,7 @@ def test_own_shuffled_batches_are_refused_inside_jit(setup):
     _, params, loss_fn, data = setup
     sampler = dpjax.PoissonSampler(512, expected_batch_size=64, seed=0)
     tx = private(sampler)
-    step = make_step(tx, dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP))
+    step = make_step(tx, jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method="vmap")))
     perm = np.random.default_rng(0).permutation(512)[:64]
     with pytest.raises(dpjax.BatchProvenanceError, match="trust_unverified_batches"):
         step(params, tx.init(params), {k: v[perm] for k, v in data.items()})
@@ -91,7 +91,7 @@ def test_explicit_opt_out_accepts_own_batches_and_says_so(setup):
     sampler = dpjax.PoissonSampler(512, expected_batch_size=64, seed=0)
     with pytest.warns(dpjax.UnverifiedBatchesWarning, match="NOT checked"):
         tx = private(sampler, trust_unverified_batches=True)
-    step = make_step(tx, dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP))
+    step = make_step(tx, jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method="vmap")))
     state = tx.init(params)
     perm = np.random.default_rng(0).permutation(512)[:64]
     params2, state = step(params, state, {k: v[perm] for k, v in data.items()})
@@ -109,7 +109,7 @@ def test_accumulation_with_a_fresh_draw_per_micro_step_is_refused(setup):
     _, params, loss_fn, data = setup
     sampler = dpjax.PoissonSampler(512, expected_batch_size=64, seed=1)
     tx = private(sampler, accumulation_steps=4)
-    grad_fn = dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP)
+    grad_fn = jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method="vmap"))
     state = tx.init(params)
     with pytest.raises(dpjax.BatchProvenanceError, match="one logical draw.*sample_micro_batches"):
         tx.update(grad_fn(params, sampler.sample().take(data)), state, params)
@@ -129,7 +129,7 @@ def test_accumulation_with_a_fresh_draw_per_micro_step_is_refused(setup):
 
 def test_accumulation_of_one_draw_equals_the_whole_draw(setup):
     _, params, loss_fn, data = setup
-    grad_fn = dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP)
+    grad_fn = jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method="vmap"))
     s_acc = dpjax.PoissonSampler(512, expected_batch_size=64, seed=5)
     s_one = dpjax.PoissonSampler(512, expected_batch_size=64, seed=5)
     tx_acc, tx_one = private(s_acc, accumulation_steps=4), private(s_one)
@@ -153,7 +153,7 @@ def test_micro_batches_fed_out_of_order_or_twice_are_refused(setup):
     _, params, loss_fn, data = setup
     sampler = dpjax.PoissonSampler(512, expected_batch_size=64, seed=2)
     tx = private(sampler, accumulation_steps=2)
-    grad_fn = dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP)
+    grad_fn = jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method="vmap"))
     first, second = sampler.sample_micro_batches(2)
     state = tx.init(params)
     with pytest.raises(dpjax.BatchProvenanceError, match="in order"):
@@ -181,13 +181,13 @@ def test_sampler_for_another_data_size_is_refused(setup, tmp_path):
     # A batch of a sampler for another N (or rate, or scheme) is refused by the ledger.
     tx = private(dpjax.PoissonSampler(512, expected_batch_size=10, seed=0))
     rows = jax.tree_util.tree_map(lambda a: a[:100], data)
-    g = dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP)(params, dpjax.PoissonSampler(100, expected_batch_size=10,
+    g = jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method="vmap"))(params, dpjax.PoissonSampler(100, expected_batch_size=10,
                                                                                   seed=0).sample().take(rows))
     with pytest.raises(dpjax.BatchProvenanceError, match="another sampling scheme, data-set size N or rate q"):
         tx.update(g, tx.init(params), params)
     fixed = dpjax.FixedSizeSampler(512, batch_size=10, seed=0).sample().take(data)
     with pytest.raises(dpjax.BatchProvenanceError, match="another sampling scheme"):
-        tx.update(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP)(params, fixed), tx.init(params), params)
+        tx.update(jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method="vmap"))(params, fixed), tx.init(params), params)
 
 
 # ------------------------------------------------ once each, in order (jit)
@@ -197,7 +197,7 @@ def test_replayed_skipped_or_restarted_draws_are_refused_and_nothing_is_applied(
     _, params, loss_fn, data = setup
     sampler = dpjax.PoissonSampler(512, expected_batch_size=32, seed=4)
     tx = private(sampler, target_epsilon=50.0, target_delta=1e-5)
-    step = make_step(tx, dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP))
+    step = make_step(tx, jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method="vmap")))
     state = tx.init(params)
     batch = sampler.sample().take(data)
     p1, s1 = step(params, state, batch)
@@ -214,21 +214,21 @@ def test_replayed_skipped_or_restarted_draws_are_refused_and_nothing_is_applied(
             dpjax.check_budget(s2)
     # Outside jit the same mistake raises before anything is applied.
     with pytest.raises(dpjax.BatchProvenanceError, match="batch drawn for step 0.*ledger at step 1"):
-        tx.update(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP)(params, batch), s1, p1)
+        tx.update(jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method="vmap"))(params, batch), s1, p1)
 
 
 def test_a_resumed_run_needs_the_restored_sampler(setup):
     _, params, loss_fn, data = setup
     sampler = dpjax.PoissonSampler(512, expected_batch_size=32, seed=6)
     tx = private(sampler)
-    step = make_step(tx, dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP))
+    step = make_step(tx, jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method="vmap")))
     state = tx.init(params)
     for _ in range(3):
         params, state = step(params, state, sampler.sample().take(data))
     saved = sampler.state_dict()
     fresh = dpjax.PoissonSampler(512, expected_batch_size=32, seed=6)
     with pytest.raises(dpjax.BatchProvenanceError, match="restore the sampler"):
-        tx.update(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP)(params, fresh.sample().take(data)), state, params)
+        tx.update(jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method="vmap"))(params, fresh.sample().take(data)), state, params)
     fresh = dpjax.PoissonSampler(512, expected_batch_size=32, seed=6)
     fresh.load_state_dict(saved)
     params, state = step(params, state, fresh.sample().take(data))
@@ -244,7 +244,7 @@ def test_rows_read_from_disk_by_index_keep_provenance(setup, tmp_path):
     np.save(tmp_path / "y.npy", data["y"])
     x_disk = np.load(tmp_path / "x.npy", mmap_mode="r")  # rows stay on disk until read
     y_disk = np.load(tmp_path / "y.npy", mmap_mode="r")
-    grad_fn = dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP)
+    grad_fn = jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method="vmap"))
     runs = {}
     for how in ("disk", "memory"):
         sampler = dpjax.PoissonSampler(len(x_disk), expected_batch_size=32, seed=8)
@@ -275,7 +275,7 @@ def test_plain_nnx_optimizer_is_refused_with_the_fix(setup):
     model = NnxMLP(64, 10, 32, rngs=nnx.Rngs(0))
     sampler = dpjax.PoissonSampler(512, expected_batch_size=32, seed=0)
     optimizer = nnx.Optimizer(model, private(sampler), wrt=nnx.Param)
-    g = dpjax.clipped_grad(_nnx_loss, l2_clip_norm=CLIP)(model, sampler.sample().take(data))
+    g = nnx.jit(dpjax.clipped_grad(_nnx_loss, l2_clip_norm=CLIP, method="vmap"))(model, sampler.sample().take(data))
     with pytest.raises(TypeError, match=r"dpjax\.nnx\.Optimizer\(model, tx\)"):
         optimizer.update(model, g)
     with pytest.raises(ValueError, match="no privacy ledger"):
@@ -290,7 +290,7 @@ def test_nnx_loop_trains_accounts_and_refuses_a_replay(digits):
     data, test = {"x": x[:1500], "y": y[:1500]}, (x[1500:], y[1500:])
     model = NnxMLP(64, 10, 32, rngs=nnx.Rngs(0))
     sampler = dpjax.PoissonSampler(1500, expected_batch_size=150, seed=0)
-    grad_fn = dpjax.clipped_grad(_nnx_loss, l2_clip_norm=CLIP)
+    grad_fn = dpjax.clipped_grad(_nnx_loss, l2_clip_norm=CLIP, method="vmap")
     optimizer = dpjax.nnx.Optimizer(model, dpjax.privatize(optax.adam(1e-2), noise_multiplier=1.0,
                                                            l2_clip_norm=CLIP, sampler=sampler, seed=0))
 
