@@ -23,6 +23,7 @@ expect a batch axis (every Flax layer does) work unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any, Callable, Optional
@@ -33,7 +34,7 @@ from flax import struct
 
 from flax import nnx
 
-from dpjax import fast_clipping, validation
+from dpjax import fast_clipping, separability, validation
 from dpjax.provenance import Provenance
 from dpjax.sampling import Batch, SampledBatch
 
@@ -59,6 +60,8 @@ class ClippedGradient:
         **Not private**.
       per_example_norm: ``(batch,)`` global L2 norms before clipping, only with
         ``return_per_example``. **Not private**.
+      aux: with ``has_aux=True``, each example's aux (from its batch of one),
+        stacked over the batch. **Not private.**
       provenance: the :class:`~dpjax.sampling.Provenance` stamp of the batch
         when it was a :class:`~dpjax.SampledBatch` (``None`` for a plain
         batch); :func:`dpjax.privatize` checks it against its ledger.
@@ -71,6 +74,7 @@ class ClippedGradient:
     per_example_loss: Optional[jax.Array] = None
     per_example_norm: Optional[jax.Array] = None
     provenance: Optional[Provenance] = None
+    aux: Optional[PyTree] = None
 
 
 def _unpack_batch(batch, mask):
@@ -99,8 +103,53 @@ def _as_params(params):
     """
     if isinstance(params, nnx.Module):
         graphdef, state, rest = nnx.split(params, nnx.Param, ...)
+        # The rest as plain arrays: merging then makes fresh variables inside the trace,
+        # so a layer that writes its state (BatchNorm statistics) writes to a copy.
+        rest = nnx.as_pure(rest)
         return state, lambda p: nnx.merge(graphdef, p, rest)
     return params, None
+
+
+def _checked_mask(mask, b: int) -> jax.Array:
+    if mask is None:
+        return jnp.ones((b,), dtype=bool)
+    mask = jnp.asarray(mask)
+    if mask.shape != (b,):
+        raise ValueError(f"mask must have shape (batch,) = ({b},), got {mask.shape}")
+    return mask.astype(bool)
+
+
+def _microbatched(clip_chunk, params, rows, mask, microbatch_size: int):
+    """``clip_chunk`` over chunks of ``microbatch_size`` examples inside a ``lax.scan``.
+
+    The rows are padded by repeating the first example (always a valid model
+    input), masked out; the per-example outputs are cut back to the batch.
+    """
+    b = mask.shape[0]
+    n_chunks = -(-b // microbatch_size)
+    pad = n_chunks * microbatch_size - b
+
+    def chunked(x):
+        x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x
+        return x.reshape((n_chunks, microbatch_size) + x.shape[1:])
+
+    chunks = jax.tree_util.tree_map(chunked, rows)
+    chunk_masks = chunked(mask)
+    if pad:
+        chunk_masks = chunk_masks.at[-1, microbatch_size - pad:].set(False)
+    zero_sum = jax.tree_util.tree_map(
+        lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(p.dtype, jnp.float32)), params)
+    zero_counts = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+    def body(carry, xs):
+        acc, counts = carry
+        s, c, per_example = clip_chunk(*xs)
+        acc = jax.tree_util.tree_map(jnp.add, acc, s)
+        return (acc, (counts[0] + c[0], counts[1] + c[1])), per_example
+
+    (summed, counts), per_example = jax.lax.scan(body, (zero_sum, zero_counts), (chunks, chunk_masks))
+    per_example = jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:])[:b], per_example)
+    return summed, counts, per_example
 
 
 def _batch_size(batch: PyTree) -> int:
@@ -163,13 +212,16 @@ def even_layer_clip_norms(params: PyTree, l2_clip_norm: float) -> PyTree:
 def _vmap_engine(single_example_loss, params, chunk, args):
     """Per-example gradients with ``jax.vmap`` (works for any differentiable model).
 
-    Returns per-example losses, per-leaf squared norms (a list of ``(B,)``
-    float32 arrays) and ``weighted_sum(factors, keep)``, which returns the
-    list of ``sum_i factors[leaf][i] * grad_i[leaf]``; rows where ``keep`` is
-    False are replaced by 0 first (``jnp.where``: 0 * NaN would be NaN).
+    ``single_example_loss`` returns ``(loss, aux)``. Returns per-example
+    losses, per-leaf squared norms (a list of ``(B,)`` float32 arrays),
+    ``weighted_sum(factors, keep)``, which returns the list of
+    ``sum_i factors[leaf][i] * grad_i[leaf]`` (rows where ``keep`` is False
+    are replaced by 0 first: ``jnp.where``, since 0 * NaN would be NaN), and
+    the per-example aux.
     """
     in_axes = (None, 0) + (None,) * len(args)
-    losses, grads = jax.vmap(jax.value_and_grad(single_example_loss), in_axes=in_axes)(params, chunk, *args)
+    (losses, aux), grads = jax.vmap(jax.value_and_grad(single_example_loss, has_aux=True),
+                                    in_axes=in_axes)(params, chunk, *args)
     leaves = jax.tree_util.tree_leaves(grads)
     sq = [jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1) for g in leaves]
 
@@ -181,7 +233,7 @@ def _vmap_engine(single_example_loss, params, chunk, args):
             out.append(jnp.tensordot(f.astype(acc_dtype), g, axes=1))
         return out
 
-    return losses, sq, weighted_sum
+    return losses, sq, weighted_sum, aux
 
 
 def _leaf_groups(per_layer_clip_norms, params):
@@ -200,20 +252,77 @@ def _leaf_groups(per_layer_clip_norms, params):
     return jax.tree_util.tree_leaves(per_leaf), [float(c) for c in norms]
 
 
-def _single_example_loss(loss_fn, rebuild):
-    """``loss_fn`` on one example (given a batch axis of 1), checked to be a scalar."""
+@dataclasses.dataclass(frozen=True)
+class _LossForm:
+    """How ``loss_fn`` is called: on a module (``rebuild``), with ``rng=``, returning aux."""
+
+    rebuild: Optional[Callable]
+    with_rng: bool
+    has_aux: bool
+
+
+def _call_loss(loss_fn, form: _LossForm, params, one, key, args):
+    """``(loss, aux)`` of ``loss_fn`` on the batch ``one``, checked to be a scalar (and aux)."""
+    model = params if form.rebuild is None else form.rebuild(params)
+    kwargs = {} if not form.with_rng else {"rng": jax.random.wrap_key_data(key)}
+    out = loss_fn(model, one, *args, **kwargs)
+    if form.has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError("with has_aux=True, loss_fn must return a pair (loss, aux); "
+                            f"got {type(out).__name__}")
+        loss, aux = out
+    elif isinstance(out, (tuple, list)):
+        raise TypeError(
+            f"loss_fn returned a {type(out).__name__} of {len(out)}; it must return the scalar mean loss. "
+            "If it returns (loss, aux), pass clipped_grad(..., has_aux=True): aux then comes back per "
+            "example in ClippedGradient.aux"
+        )
+    else:
+        loss, aux = out, ()
+    if jnp.shape(loss) != ():
+        raise TypeError(
+            "loss_fn must return a scalar (the mean loss over the batch); "
+            f"got shape {jnp.shape(loss)}"
+        )
+    return loss, aux
+
+
+def _single_example_loss(loss_fn, form: _LossForm):
+    """``(loss, aux)`` of one example (given a batch axis of 1); with ``rng``, the
+    example is ``(example, key_data)``."""
 
     def single_example_loss(params, example, *args):
+        example, key = example if form.with_rng else (example, None)
         one = jax.tree_util.tree_map(lambda x: jnp.expand_dims(x, 0), example)
-        loss = loss_fn(params if rebuild is None else rebuild(params), one, *args)
-        if jnp.shape(loss) != ():
-            raise TypeError(
-                "loss_fn must return a scalar (the mean loss over the batch); "
-                f"got shape {jnp.shape(loss)}"
-            )
-        return loss
+        return _call_loss(loss_fn, form, params, one, key, args)
 
     return single_example_loss
+
+
+def _check_separable(loss_fn, form: _LossForm, params, batch, keys, args) -> None:
+    """Refuse a loss that mixes examples or shares random keys (see dpjax.separability)."""
+    one = jax.tree_util.tree_map(lambda x: x[:1], batch)
+    key = None if keys is None else keys[0]
+    p_leaves, p_def = jax.tree_util.tree_flatten(params)
+    ex_leaves, ex_def = jax.tree_util.tree_flatten((one, key))
+
+    def traced(p_list, ex_list, *a):
+        o, k = jax.tree_util.tree_unflatten(ex_def, ex_list)
+        loss, aux = _call_loss(loss_fn, form, jax.tree_util.tree_unflatten(p_def, p_list), o, k, a)
+        return loss
+
+    closed = jax.make_jaxpr(traced)(p_leaves, ex_leaves, *args)
+    separability.check(closed.jaxpr, len(p_leaves), len(ex_leaves), rng_given=form.with_rng)
+
+
+def _example_keys(rng, b: int):
+    """``(b, key_data)``: one key per example, split from ``rng``."""
+    if not isinstance(rng, jax.Array):
+        raise TypeError(f"rng must be a JAX PRNG key (jax.random.key or PRNGKey), got {type(rng).__name__}")
+    typed = rng if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
+    if typed.shape != ():
+        raise ValueError(f"rng must be a single key, got shape {typed.shape}")
+    return jax.random.key_data(jax.random.split(typed, b))
 
 
 METHODS = ("auto", "vmap", "fast")
@@ -228,6 +337,7 @@ def clipped_grad(
     return_per_example: bool = False,
     method: str = "auto",
     keep_fraction: Optional[float] = None,
+    has_aux: bool = False,
 ) -> Callable[..., ClippedGradient]:
     """Like ``jax.grad``, but returns the sum of per-example clipped gradients.
 
@@ -260,9 +370,13 @@ def clipped_grad(
         ``None``: :data:`dpjax.fast_clipping.KEEP_FRACTION` (0.25); ``0``:
         least memory; ``float("inf")``: one backward pass, fastest. The result
         is the same either way.
+      has_aux: ``loss_fn`` returns ``(loss, aux)`` as with
+        ``jax.value_and_grad(..., has_aux=True)``; each example's aux (from its
+        batch of one) comes back stacked in ``ClippedGradient.aux``. **Not
+        private.**
 
     Returns:
-      ``grad_fn(params, batch, *args, mask=None) -> ClippedGradient``.
+      ``grad_fn(params, batch, *args, mask=None, rng=None) -> ClippedGradient``.
       ``batch`` is either a :class:`~dpjax.SampledBatch` from a dpjax sampler
       (``sampler.sample().take(data)``: its padding mask is applied and its
       provenance stamp is copied into the result, which
@@ -270,8 +384,16 @@ def clipped_grad(
       optional boolean ``(batch,)`` ``mask`` (``True`` for real examples).
       Masked examples contribute exactly zero. ``params`` may also be an
       ``nnx.Module``: its ``nnx.Param`` state is clipped and returned (as an
-      ``nnx.State``) and ``loss_fn`` receives the module. ``grad_fn`` can be
+      ``nnx.State``) and ``loss_fn`` receives the module. ``rng``: a key for
+      per-example randomness (dropout): it is split into one key per example
+      and ``loss_fn`` is called as ``loss_fn(params, batch, *args,
+      rng=example_key)``; pass a fresh key every step. ``grad_fn`` can be
       ``jax.jit``-ed.
+
+    Raises (when tracing): :class:`dpjax.separability.CrossExampleError` if the
+    model or loss mixes examples (BatchNorm in training mode, a batch-level
+    loss), and :class:`dpjax.separability.SharedRandomnessError` if the loss
+    draws random numbers from a key that every example shares (pass ``rng=``).
 
     Example:
 
@@ -298,20 +420,21 @@ def clipped_grad(
     flat = per_layer_clip_norms is None
 
     def fast_engine(example_loss, params, chunk, args):
-        return fast_clipping.fast_engine(example_loss, params, chunk, args, keep_fraction)[:3]
+        losses, sq, weighted_sum, _, aux = fast_clipping.fast_engine(example_loss, params, chunk, args, keep_fraction)
+        return losses, sq, weighted_sum, aux
 
     def clip_chunk(example_loss, params, chunk, chunk_mask, args):
         if method == "vmap":
-            losses, sq, weighted_sum = _vmap_engine(example_loss, params, chunk, args)
+            losses, sq, weighted_sum, aux = _vmap_engine(example_loss, params, chunk, args)
         elif method == "fast":
-            losses, sq, weighted_sum = fast_engine(example_loss, params, chunk, args)
+            losses, sq, weighted_sum, aux = fast_engine(example_loss, params, chunk, args)
         else:  # auto: the fast engine, or vmap if the model defeats the jaxpr walker
             try:
-                losses, sq, weighted_sum = fast_engine(example_loss, params, chunk, args)
+                losses, sq, weighted_sum, aux = fast_engine(example_loss, params, chunk, args)
             except Exception as e:  # noqa: BLE001 - any tracing failure: use the always-correct path
                 warnings.warn(f"dpjax fast clipping could not handle this model ({type(e).__name__}: {e}); "
                               "using per-example gradients (method='vmap')", stacklevel=2)
-                losses, sq, weighted_sum = _vmap_engine(example_loss, params, chunk, args)
+                losses, sq, weighted_sum, aux = _vmap_engine(example_loss, params, chunk, args)
         finite = jnp.all(jnp.stack([jnp.isfinite(s) for s in sq]), axis=0)
         norms = jnp.sqrt(sum(sq))
         finite = finite & jnp.isfinite(norms)
@@ -336,57 +459,24 @@ def clipped_grad(
             jnp.sum(chunk_mask.astype(jnp.int32)),
             jnp.sum((chunk_mask & ~finite).astype(jnp.int32)),
         )
-        return summed, counts, losses, norms
+        return summed, counts, (losses, norms, aux)
 
-    def grad_fn(params, batch, *args, mask=None) -> ClippedGradient:
+    def grad_fn(params, batch, *args, mask=None, rng=None) -> ClippedGradient:
         batch, mask, provenance = _unpack_batch(batch, mask)
         params, rebuild = _as_params(params)
-        example_loss = _single_example_loss(loss_fn, rebuild)
+        form = _LossForm(rebuild=rebuild, with_rng=rng is not None, has_aux=has_aux)
         b = _batch_size(batch)
-        if mask is None:
-            mask = jnp.ones((b,), dtype=bool)
-        else:
-            mask = jnp.asarray(mask)
-            if mask.shape != (b,):
-                raise ValueError(f"mask must have shape (batch,) = ({b},), got {mask.shape}")
-            mask = mask.astype(bool)
-
+        keys = None if rng is None else _example_keys(rng, b)
+        _check_separable(loss_fn, form, params, batch, keys, args)
+        example_loss = _single_example_loss(loss_fn, form)
+        rows = batch if keys is None else (batch, keys)
+        mask = _checked_mask(mask, b)
         if microbatch_size is None or microbatch_size >= b:
-            summed, (n, bad), losses, norms = clip_chunk(example_loss, params, batch, mask, args)
+            summed, (n, bad), (losses, norms, aux) = clip_chunk(example_loss, params, rows, mask, args)
         else:
-            n_chunks = -(-b // microbatch_size)
-            pad = n_chunks * microbatch_size - b
-
-            def chunked(x):
-                # Pad by repeating the first example (masked out below) so the
-                # padding is always a valid model input.
-                x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x
-                return x.reshape((n_chunks, microbatch_size) + x.shape[1:])
-
-            chunks = jax.tree_util.tree_map(chunked, batch)
-            chunk_masks = chunked(mask)
-            if pad:
-                chunk_masks = chunk_masks.at[-1, microbatch_size - pad :].set(False)
-
-            zero_sum = jax.tree_util.tree_map(
-                lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(p.dtype, jnp.float32)), params
-            )
-            zero_counts = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-
-            def body(carry, xs):
-                acc, counts = carry
-                chunk, chunk_mask = xs
-                s, c, losses, norms = clip_chunk(example_loss, params, chunk, chunk_mask, args)
-                acc = jax.tree_util.tree_map(jnp.add, acc, s)
-                counts = (counts[0] + c[0], counts[1] + c[1])
-                return (acc, counts), (losses, norms)
-
-            (summed, (n, bad)), (losses, norms) = jax.lax.scan(
-                body, (zero_sum, zero_counts), (chunks, chunk_masks)
-            )
-            losses = losses.reshape(-1)[:b]
-            norms = norms.reshape(-1)[:b]
-
+            summed, (n, bad), (losses, norms, aux) = _microbatched(
+                lambda chunk, chunk_mask: clip_chunk(example_loss, params, chunk, chunk_mask, args),
+                params, rows, mask, microbatch_size)
         return ClippedGradient(
             sensitivity=sensitivity,
             sum=summed,
@@ -395,6 +485,7 @@ def clipped_grad(
             per_example_loss=losses if return_per_example else None,
             per_example_norm=norms if return_per_example else None,
             provenance=provenance,
+            aux=aux if has_aux else None,
         )
 
     return grad_fn

@@ -538,7 +538,9 @@ def _zero_rows(x, keep):
 def fast_engine(single_example_loss: Callable, params, chunk, args, keep_fraction: Optional[float] = None):
     """Per-example losses, per-leaf squared norms, and a book-keeping weighted sum.
 
-    Returns ``(losses, sq_norms, weighted_sum)``: ``sq_norms`` is a list (one per
+    ``single_example_loss(params, example, *args)`` returns ``(loss, aux)``.
+    Returns ``(losses, sq_norms, weighted_sum, plan, aux)`` (``aux`` stacked
+    over examples): ``sq_norms`` is a list (one per
     parameter leaf) of ``(B,)`` float32 squared norms of that leaf's per-example
     gradient; ``weighted_sum(factors, keep)`` returns the list of
     ``sum_i factors[leaf][i] * grad_i[leaf]`` with rows where ``keep`` is False
@@ -551,10 +553,15 @@ def fast_engine(single_example_loss: Callable, params, chunk, args, keep_fractio
     example = jax.tree_util.tree_map(lambda x: x[0], chunk)
     arg_leaves, arg_def = jax.tree_util.tree_flatten(args)
 
+    aux_def = []
+
     def flat_loss(leaf_list, ex, arg_list):
-        return single_example_loss(
+        loss, aux = single_example_loss(
             jax.tree_util.tree_unflatten(treedef, leaf_list), ex, *jax.tree_util.tree_unflatten(arg_def, arg_list)
         )
+        aux_leaves, tree = jax.tree_util.tree_flatten(aux)
+        aux_def.append(tree)
+        return [loss] + aux_leaves
 
     closed = jax.make_jaxpr(flat_loss)(leaves, example, arg_leaves)
     plan = make_plan(closed.jaxpr, num_leaves)
@@ -566,15 +573,16 @@ def fast_engine(single_example_loss: Callable, params, chunk, args, keep_fractio
         leaf_vals = [leaves[i] + deltas[i] if i in deltas else leaves[i] for i in range(num_leaves)]
         flat_in = leaf_vals + jax.tree_util.tree_leaves(ex) + arg_leaves
         acts: Dict[Path, jax.Array] = {}
-        (loss,) = interpret(closed.jaxpr, closed.consts, flat_in, plan, taps, acts)
-        return loss, acts
+        loss, *aux_leaves = interpret(closed.jaxpr, closed.consts, flat_in, plan, taps, acts)
+        return loss, (acts, aux_leaves)
 
     def batched(taps, deltas):
-        losses, acts = jax.vmap(per_example)(taps, deltas, chunk)
-        return losses, (losses, acts)
+        losses, (acts, aux_leaves) = jax.vmap(per_example)(taps, deltas, chunk)
+        return losses, (losses, acts, aux_leaves)
 
-    _, vjp_fn, (losses, acts) = jax.vjp(batched, taps0, deltas0, has_aux=True)
+    _, vjp_fn, (losses, acts, aux_leaves) = jax.vjp(batched, taps0, deltas0, has_aux=True)
     g_taps, g_deltas = vjp_fn(jnp.ones((bsz,), losses.dtype))
+    aux = jax.tree_util.tree_unflatten(aux_def[0], aux_leaves)
 
     layer_of = {}
     sq_norms: List[Optional[jax.Array]] = [None] * num_leaves
@@ -604,7 +612,7 @@ def fast_engine(single_example_loss: Callable, params, chunk, args, keep_fractio
                 out.append(jnp.tensordot(factors[i].astype(acc_dtype), g, axes=1))
         return out
 
-    return losses, sq_norms, weighted_sum, plan
+    return losses, sq_norms, weighted_sum, plan, aux
 
 
 def plan_for(loss_fn: Callable, params, example_batch, *args) -> Plan:
