@@ -52,7 +52,7 @@ from jax.extend import core as jex_core
 
 # Ops that only re-view a parameter: the gradient maps back through their inverse.
 _VIEW_OPS = ("reshape", "convert_element_type", "transpose", "squeeze", "expand_dims", "copy", "copy_p")
-_CALL_OPS = ("pjit", "jit", "closed_call", "core_call")
+_CALL_OPS = ("pjit", "jit", "closed_call", "core_call", "remat2", "checkpoint")
 
 Path = Tuple[int, ...]
 
@@ -61,6 +61,7 @@ Path = Tuple[int, ...]
 class _Origin:
     leaf: int
     chain: Tuple[Tuple[str, Any, Tuple[int, ...]], ...]  # (op, params, input shape), param -> operand
+    scan_length: int = 0  # > 0: a slice of the leaf, one per iteration of a scan over its first axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,7 @@ class MatchedOp:
     weight_shape: Tuple[int, ...]
     out_shape: Tuple[int, ...]
     out_dtype: Any
+    scan_length: int = 0  # > 0: inside a scan whose iterations use slices of the (stacked) leaf
 
 
 @dataclasses.dataclass
@@ -95,7 +97,9 @@ def _is_var(v) -> bool:
 
 
 def _call_jaxpr(eqn):
-    closed = eqn.params.get("jaxpr") if eqn.primitive.name in ("pjit", "jit") else eqn.params.get("call_jaxpr")
+    # remat (checkpoint) is inlined: the same values, without the recomputation.
+    closed = eqn.params.get("jaxpr") if eqn.primitive.name in ("pjit", "jit", "remat2", "checkpoint") \
+        else eqn.params.get("call_jaxpr")
     if closed is None:
         return None, ()
     if isinstance(closed, jex_core.ClosedJaxpr):
@@ -108,11 +112,33 @@ def make_plan(jaxpr, num_leaves: int) -> Plan:
     candidates: Dict[int, List[MatchedOp]] = {i: [] for i in range(num_leaves)}
     other_use = set()
 
+    def walk_scan(eqn, ins, key):
+        # A leaf scanned over (an xs operand, as Flax nn.scan stacks layer parameters)
+        # is sliced per iteration: the body's uses of the slice can be matched.
+        # Any other parameter entering a scan is used in every iteration: fallback.
+        body = eqn.params["jaxpr"].jaxpr
+        first_xs = eqn.params["num_consts"] + eqn.params["num_carry"]
+        inner = {}
+        for j, (iv, o) in enumerate(zip(body.invars, ins)):
+            if o is None:
+                continue
+            if j >= first_xs and not o.chain and not o.scan_length:
+                inner[iv] = _Origin(o.leaf, (), int(eqn.params["length"]))
+            else:
+                other_use.add(o.leaf)
+        walk(body, inner, key)
+        for ov in body.outvars:
+            if _is_var(ov) and ov in inner:
+                other_use.add(inner[ov].leaf)
+
     def walk(jx, origins: Dict[Any, _Origin], path: Path):
         for idx, eqn in enumerate(jx.eqns):
             key = path + (idx,)
             ins = [origins.get(v) if _is_var(v) else None for v in eqn.invars]
             name = eqn.primitive.name
+            if name == "scan":
+                walk_scan(eqn, ins, key)
+                continue
             if name in _CALL_OPS:
                 inner, _ = _call_jaxpr(eqn)
                 if inner is not None:
@@ -125,7 +151,7 @@ def make_plan(jaxpr, num_leaves: int) -> Plan:
             if name in _VIEW_OPS and ins and ins[0] is not None:
                 o = ins[0]
                 origins[eqn.outvars[0]] = _Origin(
-                    o.leaf, o.chain + ((name, dict(eqn.params), tuple(eqn.invars[0].aval.shape)),)
+                    o.leaf, o.chain + ((name, dict(eqn.params), tuple(eqn.invars[0].aval.shape)),), o.scan_length
                 )
                 continue
             if name == "dot_general" and sum(o is not None for o in ins) == 1:
@@ -190,6 +216,7 @@ def _matched(key, kind, origin, w, eqn) -> MatchedOp:
         weight_shape=tuple(eqn.invars[w].aval.shape),
         out_shape=tuple(eqn.outvars[0].aval.shape),
         out_dtype=eqn.outvars[0].aval.dtype,
+        scan_length=origin.scan_length,
     )
 
 
@@ -210,8 +237,11 @@ def interpret(jaxpr, consts, args, plan: Plan, taps: Dict[Path, jax.Array], acts
         key = path + (idx,)
         invals = [read(v) for v in eqn.invars]
         inner, inner_consts = (None, ()) if eqn.primitive.name not in _CALL_OPS else _call_jaxpr(eqn)
+        inside = [k for k in plan.matched if len(k) > len(key) and k[:len(key)] == key]
         if inner is not None:
             outvals = interpret(inner, inner_consts, invals, plan, taps, acts, key)
+        elif eqn.primitive.name == "scan" and inside:
+            outvals = _interpret_scan(eqn, invals, plan, taps, acts, key, inside)
         else:
             bind_params = eqn.primitive.get_bind_params(eqn.params)
             with eqn.ctx.manager:
@@ -224,6 +254,27 @@ def interpret(jaxpr, consts, args, plan: Plan, taps: Dict[Path, jax.Array], acts
         for v, x in zip(eqn.outvars, outvals):
             env[v] = x
     return [read(v) for v in jaxpr.outvars]
+
+
+def _interpret_scan(eqn, invals, plan: Plan, taps, acts, key: Path, inside: List[Path]):
+    """A scan whose body holds matched ops: each iteration's taps are scanned
+    inputs and its activations scanned outputs, stacked over iterations."""
+    p = eqn.params
+    body = p["jaxpr"]
+    nc, nk = p["num_consts"], p["num_carry"]
+    consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+
+    def step(carry, x):
+        x_vals, tap_vals = x
+        sub_acts: Dict[Path, jax.Array] = {}
+        outs = interpret(body.jaxpr, body.consts, list(consts) + list(carry) + list(x_vals), plan,
+                         dict(zip(inside, tap_vals)), sub_acts, key)
+        return outs[:nk], (outs[nk:], [sub_acts[k] for k in inside])
+
+    carry, (ys, stacked_acts) = jax.lax.scan(step, list(init), (list(xs), [taps[k] for k in inside]),
+                                             length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    acts.update(zip(inside, stacked_acts))
+    return list(carry) + list(ys)
 
 
 # ---------------------------------------------------------------------------
@@ -521,6 +572,25 @@ def _layer_ops(m: MatchedOp, act, g, keep_fraction: float) -> LayerOps:
     return LayerOps(sq_norms, weighted, recompute=instantiate)
 
 
+def _scanned_ops(m: MatchedOp, act, g) -> LayerOps:
+    """An op inside a scan: (B, L, ...) activations and output gradients, one slice
+    of the stacked leaf per iteration. The squared norm of the leaf's gradient is
+    the sum over slices; the clipped sum is formed slice by slice (never by a
+    second backward pass, which a scan cannot stop in the middle of)."""
+
+    def per_slice(a, gl):
+        return _layer_ops(m, a, gl, float("inf"))
+
+    def sq_norms():
+        return jnp.sum(jax.vmap(lambda a, gl: per_slice(a, gl).sq_norms(), in_axes=(1, 1))(act, g), axis=0)
+
+    def weighted(factor, keep, acc_dtype, g_again=None):
+        return jax.vmap(lambda a, gl: _undo_chain(per_slice(a, gl).weighted(factor, keep, acc_dtype), m.chain),
+                        in_axes=(1, 1))(act, g)
+
+    return LayerOps(sq_norms, weighted)
+
+
 def _undo_chain(x, chain):
     """Map a gradient w.r.t. the weight operand back to the parameter leaf."""
     for name, params, in_shape in reversed(chain):
@@ -566,7 +636,8 @@ def fast_engine(single_example_loss: Callable, params, chunk, args, keep_fractio
     closed = jax.make_jaxpr(flat_loss)(leaves, example, arg_leaves)
     plan = make_plan(closed.jaxpr, num_leaves)
     bsz = jax.tree_util.tree_leaves(chunk)[0].shape[0]
-    taps0 = {k: jnp.zeros((bsz,) + m.out_shape, m.out_dtype) for k, m in plan.matched.items()}
+    taps0 = {k: jnp.zeros((bsz,) + ((m.scan_length,) if m.scan_length else ()) + m.out_shape, m.out_dtype)
+             for k, m in plan.matched.items()}
     deltas0 = {i: jnp.zeros((bsz,) + leaves[i].shape, leaves[i].dtype) for i in plan.fallback}
 
     def per_example(taps, deltas, ex):
@@ -587,8 +658,11 @@ def fast_engine(single_example_loss: Callable, params, chunk, args, keep_fractio
     layer_of = {}
     sq_norms: List[Optional[jax.Array]] = [None] * num_leaves
     for k, m in plan.matched.items():
-        ops = _layer_ops(m, acts[k], g_taps[k], keep_fraction)
-        layer_of[m.leaf] = (k, ops, m.chain)
+        if m.scan_length:
+            ops, chain = _scanned_ops(m, acts[k], g_taps[k]), ()
+        else:
+            ops, chain = _layer_ops(m, acts[k], g_taps[k], keep_fraction), m.chain
+        layer_of[m.leaf] = (k, ops, chain)
         sq_norms[m.leaf] = ops.sq_norms()
     for i in plan.fallback:
         g = g_deltas[i].astype(jnp.float32)
