@@ -50,6 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
+from dpjax import weight_sharing
+
 # Ops that only re-view a parameter: the gradient maps back through their inverse.
 _VIEW_OPS = ("reshape", "convert_element_type", "transpose", "squeeze", "expand_dims", "copy", "copy_p")
 _CALL_OPS = ("pjit", "jit", "closed_call", "core_call", "remat2", "checkpoint")
@@ -85,6 +87,8 @@ class MatchedOp:
 class Plan:
     matched: Dict[Path, MatchedOp]
     fallback: Tuple[int, ...]  # leaf indices handled by per-example gradients
+    # Leaves used by several matched ops (tied embeddings, shared layers): their uses.
+    shared: Dict[int, Tuple[Path, ...]] = dataclasses.field(default_factory=dict)
 
     def describe(self, leaf_names: Sequence[str]) -> str:
         fast = sorted(leaf_names[m.leaf] for m in self.matched.values())
@@ -148,6 +152,14 @@ def make_plan(jaxpr, num_leaves: int) -> Plan:
                         if _is_var(iov) and iov in inner_orig:
                             other_use.add(inner_orig[iov].leaf)  # a parameter returned as is
                     continue
+            if name == "mul" and _scaled_leaf(eqn, ins) is not None:
+                o, factor = _scaled_leaf(eqn, ins)
+                # A constant multiple of a parameter (LoRA's scale * A): a view whose
+                # gradient maps back by the same factor.
+                origins[eqn.outvars[0]] = _Origin(
+                    o.leaf, o.chain + (("scale", {"value": factor}, tuple(eqn.outvars[0].aval.shape)),), o.scan_length
+                )
+                continue
             if name in _VIEW_OPS and ins and ins[0] is not None:
                 o = ins[0]
                 origins[eqn.outvars[0]] = _Origin(
@@ -177,15 +189,34 @@ def make_plan(jaxpr, num_leaves: int) -> Plan:
                     other_use.add(o.leaf)
 
     walk(jaxpr, {v: _Origin(i, ()) for i, v in enumerate(jaxpr.invars[:num_leaves])}, ())
-    matched = {}
-    fallback = []
+    matched, fallback, shared = {}, [], {}
     for leaf in range(num_leaves):
         uses = candidates[leaf]
-        if len(uses) == 1 and leaf not in other_use:
+        if leaf in other_use or not uses:
+            fallback.append(leaf)
+        elif len(uses) == 1:
             matched[uses[0].path] = uses[0]
+        elif weight_sharing.shareable(uses):
+            matched.update((u.path, u) for u in uses)
+            shared[leaf] = tuple(u.path for u in uses)
         else:
             fallback.append(leaf)
-    return Plan(matched=matched, fallback=tuple(fallback))
+    return Plan(matched=matched, fallback=tuple(fallback), shared=shared)
+
+
+def _scaled_leaf(eqn, ins):
+    """``(origin, factor)`` when ``eqn`` multiplies a parameter by a literal scalar."""
+    for j in (0, 1):
+        other = eqn.invars[1 - j]
+        if (ins[j] is not None and ins[1 - j] is None and isinstance(other, jex_core.Literal)
+                and np.shape(other.val) == () and tuple(eqn.invars[j].aval.shape) == tuple(eqn.outvars[0].aval.shape)):
+            return ins[j], float(other.val)
+    return None
+
+
+def chain_scale(chain) -> float:
+    """The product of the constant factors in a view chain (1 for pure re-views)."""
+    return float(np.prod([params["value"] for name, params, _ in chain if name == "scale"] or [1.0]))
 
 
 def _is_row_lookup(eqn) -> bool:
@@ -591,11 +622,34 @@ def _scanned_ops(m: MatchedOp, act, g) -> LayerOps:
     return LayerOps(sq_norms, weighted)
 
 
+def _use_factors(m: MatchedOp, act, g) -> Tuple:
+    """What a cross term needs of one use: ``("dot", A, G)`` or ``("embed", idx, e)``."""
+    if m.kind == "dot":
+        a2, g2, _ = _dot_factors(m, act, g)
+        return ("dot", a2, g2)
+    vocab, dim = m.weight_shape
+    bsz = act.shape[0]
+    idx = act.reshape(bsz, -1)
+    valid = (idx >= 0) & (idx < vocab)
+    return ("embed", idx, jnp.where(valid[..., None], g.reshape(bsz, -1, dim), 0))
+
+
+def _cross(mk: MatchedOp, ml: MatchedOp, acts, g_taps):
+    """``(B,)`` ⟨U_k, U_l⟩ of two uses of one leaf (see :mod:`dpjax.weight_sharing`)."""
+    if mk.kind == "dot" and ml.kind == "embed":
+        mk, ml = ml, mk
+    rule = weight_sharing.pair_rule(mk, ml)
+    return weight_sharing.cross_term(rule, _use_factors(mk, acts[mk.path], g_taps[mk.path]),
+                                     _use_factors(ml, acts[ml.path], g_taps[ml.path]))
+
+
 def _undo_chain(x, chain):
     """Map a gradient w.r.t. the weight operand back to the parameter leaf."""
     for name, params, in_shape in reversed(chain):
         if name == "transpose":
             x = jnp.transpose(x, np.argsort(params["permutation"]))
+        elif name == "scale":
+            x = x * params["value"]
         else:  # reshape, squeeze, expand_dims: a reshape back; casts and copies: nothing
             x = x.reshape(in_shape)
     return x
@@ -655,19 +709,29 @@ def fast_engine(single_example_loss: Callable, params, chunk, args, keep_fractio
     g_taps, g_deltas = vjp_fn(jnp.ones((bsz,), losses.dtype))
     aux = jax.tree_util.tree_unflatten(aux_def[0], aux_leaves)
 
-    layer_of = {}
-    sq_norms: List[Optional[jax.Array]] = [None] * num_leaves
+    ops_of: Dict[Path, Tuple[LayerOps, Any]] = {}
+    uses_of: Dict[int, List[Path]] = {}
     for k, m in plan.matched.items():
         if m.scan_length:
-            ops, chain = _scanned_ops(m, acts[k], g_taps[k]), ()
+            ops_of[k] = (_scanned_ops(m, acts[k], g_taps[k]), ())
         else:
-            ops, chain = _layer_ops(m, acts[k], g_taps[k], keep_fraction), m.chain
-        layer_of[m.leaf] = (k, ops, chain)
-        sq_norms[m.leaf] = ops.sq_norms()
+            # A shared leaf's uses keep their gradients or use ghost norms: its clipped
+            # sum adds up the uses, which a partial second backward pass cannot serve.
+            frac = float("inf") if m.leaf in plan.shared else keep_fraction
+            ops_of[k] = (_layer_ops(m, acts[k], g_taps[k], frac), m.chain)
+        uses_of.setdefault(m.leaf, []).append(k)
+    sq_norms: List[Optional[jax.Array]] = [None] * num_leaves
+    scale = {k: chain_scale(m.chain) for k, m in plan.matched.items()}
+    for leaf, keys in uses_of.items():
+        sq_norms[leaf] = sum(scale[k] ** 2 * ops_of[k][0].sq_norms() for k in keys)
+        for i, ki in enumerate(keys):
+            for kj in keys[i + 1:]:
+                cross = _cross(plan.matched[ki], plan.matched[kj], acts, g_taps)
+                sq_norms[leaf] = sq_norms[leaf] + 2.0 * scale[ki] * scale[kj] * cross
     for i in plan.fallback:
         g = g_deltas[i].astype(jnp.float32)
         sq_norms[i] = jnp.sum(jnp.square(g).reshape(bsz, -1), axis=1)
-    recompute = any(ops.recompute for _, ops, _ in layer_of.values())
+    recompute = any(ops.recompute for ops, _ in ops_of.values())
 
     def weighted_sum(factors: List[jax.Array], keep: jax.Array):
         # The second backward pass (only if some op did not keep its gradients):
@@ -677,10 +741,13 @@ def fast_engine(single_example_loss: Callable, params, chunk, args, keep_fractio
         out = []
         for i in range(num_leaves):
             acc_dtype = jnp.promote_types(leaves[i].dtype, jnp.float32)
-            if i in layer_of:
-                k, ops, chain = layer_of[i]
-                w = ops.weighted(factors[i], keep, acc_dtype, g_again.get(k) if ops.recompute else None)
-                out.append(_undo_chain(w, chain).astype(acc_dtype))
+            if i in uses_of:
+                total = 0
+                for k in uses_of[i]:
+                    ops, chain = ops_of[k]
+                    w = ops.weighted(factors[i], keep, acc_dtype, g_again.get(k) if ops.recompute else None)
+                    total = total + _undo_chain(w, chain).astype(acc_dtype)
+                out.append(total)
             else:
                 g = _zero_rows(g_deltas[i], keep).astype(acc_dtype)
                 out.append(jnp.tensordot(factors[i].astype(acc_dtype), g, axes=1))

@@ -188,13 +188,28 @@ def test_embedding_with_repeated_tokens():
     compare(ce_loss(model.apply), params, batch)
 
 
-def test_tied_embeddings_fall_back_exactly():
+def test_tied_embeddings_are_fast_and_exact():
+    # Lookup and LM head share the table: cross term sum_t sum_s G[s, tok_t] <h_s, e_t>.
     model = Encoder(tied=True)
     batch = token_batch()
     params = model.init(jax.random.PRNGKey(0), batch["x"][:1])
     loss_fn = ce_loss(model.apply)
     compare(loss_fn, params, batch)
-    assert "['params']['Embed_0']['embedding']" not in fast_leaves(loss_fn, params, batch)
+    assert "['params']['Embed_0']['embedding']" in fast_leaves(loss_fn, params, batch)
+
+
+def test_a_layer_applied_twice_is_fast_and_exact():
+    # The same kernel at two places (same layout): cross Gram <A_1 A_2^T, G_1 G_2^T>.
+    def loss(params, batch):
+        h = jnp.tanh(batch["x"] @ params["w"])
+        return jnp.mean((jnp.tanh(h @ params["w"]) @ params["v"] - batch["y"]) ** 2)
+
+    params = {"w": jnp.asarray(RNG.normal(size=(5, 5)), jnp.float32) / 2,
+              "v": jnp.asarray(RNG.normal(size=(5, 2)), jnp.float32)}
+    batch = {"x": jnp.asarray(RNG.normal(size=(6, 3, 5)), jnp.float32),
+             "y": jnp.asarray(RNG.normal(size=(6, 3, 2)), jnp.float32)}
+    compare(loss, params, batch)
+    assert fast_leaves(loss, params, batch) == {"['w']", "['v']"}
 
 
 def test_custom_op_on_a_weight_falls_back_exactly():
@@ -218,7 +233,7 @@ def test_custom_op_on_a_weight_falls_back_exactly():
     assert fast_leaves(loss, params, batch) == {"['w2']"}
 
 
-def test_weight_used_twice_falls_back():
+def test_weight_used_twice_in_another_layout_falls_back():
     def loss(params, batch):
         h = jnp.tanh(batch["x"] @ params["w"])
         return jnp.mean((h @ params["w"].T - batch["x"]) ** 2)
