@@ -103,7 +103,7 @@ def make_step(method: str, loss_fn: Callable, batch_size: int,
 
         return sgd.init, step
 
-    if method in ("dpjax-vmap", "dpjax-fast"):
+    if method in ("dpjax-vmap", "dpjax-fast", "dpjax-auto"):
         grad_fn = dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method=method.split("-")[1],
                                      keep_fraction=keep_fraction)
         # The timed loop feeds one fixed random batch every step (the same batch as the

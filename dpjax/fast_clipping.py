@@ -531,11 +531,14 @@ def _embed_ops(m: MatchedOp, act, g):
     return LayerOps(sq_norms, weighted)
 
 
-# Default of clipped_grad(keep_fraction=...): a layer keeps its per-example
-# gradients for the clipped sum when they take at most this fraction of the
-# memory of its input and output activations; larger ones (the wide top layers
-# of a CNN) are recomputed by a second backward pass that stops at the lowest
-# such layer. 0.25 kept the ANCHORS CNN within 1.25x non-private scratch.
+# Default of clipped_grad(keep_fraction=...): the per-example gradients that
+# instantiated layers keep for the clipped sum may take at most this fraction of
+# the memory of all matched layers' input and output activations. The budget is
+# filled from the bottom of the network up, since a layer that does not keep its
+# gradients gets them from a second backward pass that must run down to it: the
+# lowest layers are the dearest to recompute (a ViT's patch embedding would cost
+# a whole second backward pass) and the wide top layers of a CNN the cheapest.
+# 0.25 kept the ANCHORS CNN within 1.25x non-private scratch.
 KEEP_FRACTION = 0.25
 
 
@@ -552,34 +555,77 @@ class LayerOps:
     recompute: bool = False
 
 
-def _keeps_grads(m: MatchedOp, grad_size: int, keep_fraction: float) -> bool:
-    footprint = int(np.prod(m.act_shape)) + int(np.prod(m.out_shape))
-    return grad_size <= keep_fraction * footprint
+def _dims(m: MatchedOp) -> Tuple[float, float, float]:
+    """(T positions, d inputs, p outputs) of a matched product or convolution, per example."""
+    w = float(np.prod(m.weight_shape))
+    if m.kind == "conv":
+        dn = m.params["dimension_numbers"]
+        p = float(m.out_shape[dn.out_spec[1]])
+        return float(np.prod(m.out_shape)) / p, w / p, p
+    a, out = float(np.prod(m.act_shape)), float(np.prod(m.out_shape))
+    t = float(np.sqrt(a * out / max(w, 1.0)))  # T d = |A|, T p = |out|, d p = |W|
+    return t, a / t, out / t
 
 
-def _layer_ops(m: MatchedOp, act, g, keep_fraction: float) -> LayerOps:
-    """Choose, per op, the ghost norm with book-keeping, kept per-example
-    gradients, or instantiated norms with a recomputed clipped sum."""
+def strategies(plan: Plan, keep_fraction: float) -> Dict[Path, str]:
+    """Per matched product/convolution: ``"ghost"``, ``"keep"`` or ``"recompute"``.
+
+    * ``"ghost"``: Gram norms ⟨AAᵀ, GGᵀ⟩ (cost ~T²(d+p), memory T²) and book-keeping;
+    * ``"keep"``: per-example gradients AᵀG kept (memory d·p) for the norms and the
+      clipped sum; besides the contraction book-keeping also pays, it costs ~2dp;
+    * ``"recompute"``: per-example norms, the clipped sum from a second backward pass
+      that must run down to this op (for layers whose gradients do not fit).
+
+    A layer needs per-example gradients when its Grams would be larger
+    (2T² > dp, the book-keeping rule). The kept gradients may take at most
+    ``keep_fraction`` times all matched ops' activations: first the layers that
+    need them, bottom-up (the lowest are the dearest to recompute); then, by
+    FLOPs saved per element, the layers whose Grams cost more than keeping
+    (T²(d+p) > 2dp: long sequences, e.g. a ViT's attention projections). Scanned
+    ops and the uses of shared weights always keep or use Grams.
+    """
+    ops = sorted((m for m in plan.matched.values() if m.kind != "embed"), key=lambda m: m.path)
+    budget = keep_fraction * sum(float(np.prod(m.act_shape)) + float(np.prod(m.out_shape)) for m in ops)
+    out: Dict[Path, str] = {}
+    optional = []
+    for m in ops:
+        t, d, p = _dims(m)
+        needs_grads = 2 * t * t > d * p
+        if m.scan_length or m.leaf in plan.shared:
+            out[m.path] = "keep" if needs_grads else "ghost"
+        elif needs_grads:
+            out[m.path] = "keep" if d * p <= budget else "recompute"
+            budget -= d * p if out[m.path] == "keep" else 0.0
+        else:
+            out[m.path] = "ghost"
+            saving = t * t * (d + p) - 2 * d * p
+            if saving > 0:
+                optional.append((saving / (d * p), m.path, d * p))
+    for _, path, size in sorted(optional, reverse=True):
+        if size <= budget:
+            out[path] = "keep"
+            budget -= size
+    return out
+
+
+def _layer_ops(m: MatchedOp, act, g, strategy: str) -> LayerOps:
+    """The norms and clipped sum of one op by its ``strategy`` (see :func:`strategies`)."""
     if m.kind == "embed":
         return _embed_ops(m, act, g)
-    grad_size = int(np.prod(m.weight_shape))
     if m.kind == "conv" and all(d == 1 for d in m.params["lhs_dilation"]):
-        dn = m.params["dimension_numbers"]
-        t = int(np.prod(m.out_shape)) // m.out_shape[dn.out_spec[1]]
         conv_sum = lambda gk, factor, keep, acc_dtype: _conv_chunked(m, act, gk, "sum", factor, keep, acc_dtype)
-        if 2 * t * t <= grad_size:  # ghost norm, book-keeping with the kept output gradient
+        if strategy == "ghost":  # patch Gram norms, book-keeping with the kept output gradient
             return LayerOps(lambda: _conv_chunked(m, act, g, "ghost_norms"),
                             lambda factor, keep, acc_dtype, g_again=None: conv_sum(g, factor, keep, acc_dtype))
-        if _keeps_grads(m, grad_size, keep_fraction):
+        if strategy == "keep":
             return _instantiated_ops(*_conv_chunked(m, act, g, "keep"))
         return LayerOps(lambda: _conv_chunked(m, act, g, "norms"),
                         lambda factor, keep, acc_dtype, g_again: conv_sum(g_again, factor, keep, acc_dtype),
                         recompute=True)
     f = _dot_factors if m.kind == "dot" else _conv_factors
     a2, g2, to_weight = f(m, act, g)
-    t, d, p = a2.shape[1], a2.shape[2], g2.shape[2]
-    instantiate = 2 * t * t > p * d
-    if instantiate and _keeps_grads(m, grad_size, keep_fraction):
+    instantiate = strategy != "ghost"
+    if strategy == "keep":
         dtype = _per_example_dtype(a2, g2)
         return _instantiated_ops(jnp.einsum("btd,btp->bdp", a2.astype(dtype), g2.astype(dtype)), to_weight)
 
@@ -609,8 +655,10 @@ def _scanned_ops(m: MatchedOp, act, g) -> LayerOps:
     the sum over slices; the clipped sum is formed slice by slice (never by a
     second backward pass, which a scan cannot stop in the middle of)."""
 
+    strategy = strategies(Plan({m.path: m}, ()), 0.0).get(m.path, "ghost")
+
     def per_slice(a, gl):
-        return _layer_ops(m, a, gl, float("inf"))
+        return _layer_ops(m, a, gl, strategy)
 
     def sq_norms():
         return jnp.sum(jax.vmap(lambda a, gl: per_slice(a, gl).sq_norms(), in_axes=(1, 1))(act, g), axis=0)
@@ -711,14 +759,12 @@ def fast_engine(single_example_loss: Callable, params, chunk, args, keep_fractio
 
     ops_of: Dict[Path, Tuple[LayerOps, Any]] = {}
     uses_of: Dict[int, List[Path]] = {}
+    strategy = strategies(plan, keep_fraction)
     for k, m in plan.matched.items():
         if m.scan_length:
             ops_of[k] = (_scanned_ops(m, acts[k], g_taps[k]), ())
         else:
-            # A shared leaf's uses keep their gradients or use ghost norms: its clipped
-            # sum adds up the uses, which a partial second backward pass cannot serve.
-            frac = float("inf") if m.leaf in plan.shared else keep_fraction
-            ops_of[k] = (_layer_ops(m, acts[k], g_taps[k], frac), m.chain)
+            ops_of[k] = (_layer_ops(m, acts[k], g_taps[k], strategy.get(k, "ghost")), m.chain)
         uses_of.setdefault(m.leaf, []).append(k)
     sq_norms: List[Optional[jax.Array]] = [None] * num_leaves
     scale = {k: chain_scale(m.chain) for k, m in plan.matched.items()}

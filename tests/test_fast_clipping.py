@@ -339,10 +339,10 @@ def _kernel_shapes(params):
     return [x.shape for p, x in jax.tree_util.tree_leaves_with_path(params) if "kernel" in jax.tree_util.keystr(p)]
 
 
-def test_cnn_fast_path_forms_per_example_kernel_gradients_only_for_small_layers():
-    """Only layers whose per-example kernel gradients are small next to their
-    activations (here the first conv) keep them; the others are never formed per
-    example, in any layout, and nothing of size batch × parameters appears."""
+def test_cnn_fast_path_forms_per_example_kernel_gradients_only_within_the_budget():
+    """Only the layers the plan lets keep per-example kernel gradients (bottom-up,
+    within keep_fraction of the activations) form them; the others are never
+    formed per example, in any layout, and nothing of size batch × parameters appears."""
     model = AnchorCNN(widths=(16, 32, 32, 64))
     b = 12
     batch = image_batch(n=b, hw=16)
@@ -353,15 +353,23 @@ def test_cnn_fast_path_forms_per_example_kernel_gradients_only_for_small_layers(
     def per_example_layouts(k):  # HWIO kernel: as is, flat, per-offset (B, K, C, O)
         return {(b,) + k, (b, int(np.prod(k))), (b, k[0] * k[1], k[2], k[3])}
 
-    convs = [k for k in _kernel_shapes(params) if len(k) == 4]
-    kept = [k for k in convs if k[2] == 3]  # the first conv: 3x3x3x16 vs its 16x16x(3+16) activations
-    others = [k for k in convs if k not in kept]
+    plan = fast_clipping.plan_for(loss_fn, params, batch)
+    strategy = fast_clipping.strategies(plan, fast_clipping.KEEP_FRACTION)
+    kept = [plan.matched[k].weight_shape for k, s in strategy.items() if s == "keep"]
+    others = [plan.matched[k].weight_shape for k, s in strategy.items()
+              if s != "keep" and plan.matched[k].kind == "conv"]
+    assert (3, 3, 3, 16) in kept and others, (kept, others)  # the lowest conv keeps, the top ones do not
+    budget = fast_clipping.KEEP_FRACTION * sum(np.prod(m.act_shape) + np.prod(m.out_shape)
+                                               for m in plan.matched.values())
+    assert sum(np.prod(k) for k in kept) <= budget
     vmap_shapes = _all_shapes(dpjax.clipped_grad(loss_fn, l2_clip_norm=1.0, method="vmap"), params, batch)
     fast_shapes = _all_shapes(dpjax.clipped_grad(loss_fn, l2_clip_norm=1.0, method="fast"), params, batch)
     for k in others:
         assert per_example_layouts(k) & vmap_shapes  # the check can see them when they are there
         assert not per_example_layouts(k) & fast_shapes, k
-    assert (b, 9, 3, 16) in fast_shapes  # the kept layer, batch-first per offset
+    for k in kept:
+        assert (b, k[0] * k[1], k[2], k[3]) in fast_shapes  # kept, batch-first per offset
+    convs = [k for k in _kernel_shapes(params) if len(k) == 4]
     # Image patches exist only for a slice of the batch at a time, never for all b examples.
     assert not any(len(s) == 3 and s[0] == b and s[2] == 9 * k[2] for k in convs for s in fast_shapes)
     assert (b, n_params) not in fast_shapes
