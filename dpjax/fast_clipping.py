@@ -89,11 +89,26 @@ class Plan:
     fallback: Tuple[int, ...]  # leaf indices handled by per-example gradients
     # Leaves used by several matched ops (tied embeddings, shared layers): their uses.
     shared: Dict[int, Tuple[Path, ...]] = dataclasses.field(default_factory=dict)
+    reasons: Dict[int, str] = dataclasses.field(default_factory=dict)  # why each fallback leaf is one
 
     def describe(self, leaf_names: Sequence[str]) -> str:
-        fast = sorted(leaf_names[m.leaf] for m in self.matched.values())
+        fast = sorted({leaf_names[m.leaf] for m in self.matched.values()})
         slow = sorted(leaf_names[i] for i in self.fallback)
         return f"fast: {fast}; per-example (fallback): {slow}"
+
+    def explain(self, leaf_names: Sequence[str], keep_fraction: Optional[float] = None) -> str:
+        """One line per leaf: what the fast path does with it, and why."""
+        strategy = strategies(self, KEEP_FRACTION if keep_fraction is None else keep_fraction)
+        lines = []
+        for leaf, name in enumerate(leaf_names):
+            uses = [m for m in self.matched.values() if m.leaf == leaf]
+            if not uses:
+                lines.append(f"{name}: per-example gradient (fallback): {self.reasons.get(leaf, '?')}")
+                continue
+            how = ", ".join(f"{m.kind}" + (f" in a scan of {m.scan_length}" if m.scan_length else "")
+                            + (f" ({strategy[m.path]})" if m.path in strategy else "") for m in uses)
+            lines.append(f"{name}: fast: {how}" + ("; shared weight, cross terms" if leaf in self.shared else ""))
+        return "\n".join(lines)
 
 
 def _is_var(v) -> bool:
@@ -114,7 +129,7 @@ def _call_jaxpr(eqn):
 def make_plan(jaxpr, num_leaves: int) -> Plan:
     """Find the matched ops and the fallback leaves of a single-example loss jaxpr."""
     candidates: Dict[int, List[MatchedOp]] = {i: [] for i in range(num_leaves)}
-    other_use = set()
+    other_use: Dict[int, str] = {}  # leaf -> why it cannot be matched (the first reason seen)
 
     def walk_scan(eqn, ins, key):
         # A leaf scanned over (an xs operand, as Flax nn.scan stacks layer parameters)
@@ -129,11 +144,11 @@ def make_plan(jaxpr, num_leaves: int) -> Plan:
             if j >= first_xs and not o.chain and not o.scan_length:
                 inner[iv] = _Origin(o.leaf, (), int(eqn.params["length"]))
             else:
-                other_use.add(o.leaf)
+                other_use.setdefault(o.leaf, "enters a scan unsliced (used by every iteration)")
         walk(body, inner, key)
         for ov in body.outvars:
             if _is_var(ov) and ov in inner:
-                other_use.add(inner[ov].leaf)
+                other_use.setdefault(inner[ov].leaf, "returned by a scan")
 
     def walk(jx, origins: Dict[Any, _Origin], path: Path):
         for idx, eqn in enumerate(jx.eqns):
@@ -150,7 +165,7 @@ def make_plan(jaxpr, num_leaves: int) -> Plan:
                     walk(inner, inner_orig, key)
                     for ov, iov in zip(eqn.outvars, inner.outvars):
                         if _is_var(iov) and iov in inner_orig:
-                            other_use.add(inner_orig[iov].leaf)  # a parameter returned as is
+                            other_use.setdefault(inner_orig[iov].leaf, "returned as is by a call")
                     continue
             if name == "mul" and _scaled_leaf(eqn, ins) is not None:
                 o, factor = _scaled_leaf(eqn, ins)
@@ -186,14 +201,20 @@ def make_plan(jaxpr, num_leaves: int) -> Plan:
                 continue
             for o in ins:
                 if o is not None:
-                    other_use.add(o.leaf)
+                    other_use.setdefault(o.leaf, f"used by {name}")
 
     walk(jaxpr, {v: _Origin(i, ()) for i, v in enumerate(jaxpr.invars[:num_leaves])}, ())
-    matched, fallback, shared = {}, [], {}
+    return _assign(candidates, other_use, num_leaves)
+
+
+def _assign(candidates, other_use: Dict[int, str], num_leaves: int) -> Plan:
+    """Matched, shared or fallback, leaf by leaf (with the reason for each fallback)."""
+    matched, fallback, shared, reasons = {}, [], {}, {}
     for leaf in range(num_leaves):
         uses = candidates[leaf]
         if leaf in other_use or not uses:
             fallback.append(leaf)
+            reasons[leaf] = other_use.get(leaf, "not used by the loss")
         elif len(uses) == 1:
             matched[uses[0].path] = uses[0]
         elif weight_sharing.shareable(uses):
@@ -201,7 +222,8 @@ def make_plan(jaxpr, num_leaves: int) -> Plan:
             shared[leaf] = tuple(u.path for u in uses)
         else:
             fallback.append(leaf)
-    return Plan(matched=matched, fallback=tuple(fallback), shared=shared)
+            reasons[leaf] = f"used by {len(uses)} products in layouts without a cross-term rule"
+    return Plan(matched=matched, fallback=tuple(fallback), shared=shared, reasons=reasons)
 
 
 def _scaled_leaf(eqn, ins):
