@@ -2,13 +2,14 @@
 # The one prepared benchmark run for the GPU machine (one NVIDIA H200): the
 # ANCHORS sizes (CNN 256/1024/4096, transformer 32/128, MLP 1024), every
 # method available, Poisson overhead, accountant speed and the largest batch
-# that fits, in under 8 minutes.
+# that fits, the keep_fraction sweep, a precision check and the model zoo, in
+# under 10 minutes.
 #
 #   bash benchmarks/fetch_wheels.sh     # once, on a machine with a package index
 #   bash benchmarks/gpu.sh              # on the GPU machine, from anywhere
 #
 # Through the session's device tool:
-#   run(command="bash benchmarks/gpu.sh", carry=["benchmarks/wheels"], timeout_s=540)
+#   run(command="bash benchmarks/gpu.sh", carry=["benchmarks/wheels"], timeout_s=595)
 #
 # The machine has JAX, flax, optax, chex, PyTorch and Python 3.12 but no
 # package index. Wheels found in $BENCH_WHEELS, benchmarks/wheels/, wheels/ or
@@ -29,8 +30,8 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false          # grow on demand: peak memor
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
-BUDGET_S=${BENCH_BUDGET_S:-285}    # no new task starts after this (the run itself stops tasks at it)
-HARD_S=${BENCH_HARD_S:-325}        # outer limit of the run; the report is rendered afterwards
+BUDGET_S=${BENCH_BUDGET_S:-240}    # no new task starts after this (the run itself stops tasks at it)
+HARD_S=${BENCH_HARD_S:-280}        # outer limit of the run; the report is rendered afterwards
 RESULTS=${BENCH_OUT:-benchmarks/results}   # parent of the <device-label>/ folder
 LOG=${OUT:-/tmp}/gpu.log
 : > "$LOG"
@@ -100,5 +101,11 @@ say "precision_check"
 timeout -k 5 40 $PY -m benchmarks.precision_check --out "$RESULTS/$LABEL" 2>&1 | tee -a "$LOG" \
   || say "precision_check failed"
 [ -n "${OUT:-}" ] && cp "$RESULTS/$LABEL"/precision_check.json "$OUT"/ 2>/dev/null
+# The real-model zoo (GPT-2 tied, BERT, ViT, ResNet-18/GroupNorm, nn.scan, nn.remat,
+# LoRA): vmap, fast and auto against non-private, at the bench sizes with GPU batches.
+say "zoo: the real-model zoo"
+timeout -k 5 150 $PY -m benchmarks.zoo --batch 64 --steps 5 --out "$RESULTS/$LABEL" 2>&1 | tee -a "$LOG" \
+  || say "zoo failed"
+[ -n "${OUT:-}" ] && cp "$RESULTS/$LABEL"/zoo.* "$OUT"/ 2>/dev/null
 say "done"
 exit "$rc"
