@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/dpjax train --out dpjax-out
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
