@@ -13,13 +13,36 @@ account for (a batch it did not draw, padding without its mask, a draw used
 twice) is refused, inside ``jit`` too.
 """
 
-from dpjax import accounting
-from dpjax.accounting import PrivacyBudgetExceeded, calibrate_noise_multiplier
-from dpjax.clipping import ClippedGradient, clipped_grad, even_layer_clip_norms
-from dpjax.ledger import PrivacyLedger, check_budget, epsilon, privacy_statement, steps_taken
-from dpjax.noise import PrivatizeState, UnverifiedBatchesWarning, dp_adam, dp_sgd, privatize
-from dpjax.provenance import BatchProvenanceError, BatchProvenanceWarning
-from dpjax.sampling import Batch, FixedSizeSampler, PoissonSampler, SampledBatch
+# Everything is imported on first use (PEP 562), so that `import dpjax` (and the
+# `dpjax --help` command line) does not pull in JAX and dp-accounting.
+_LAZY = {
+    "PrivacyBudgetExceeded": "dpjax.accounting",
+    "calibrate_noise_multiplier": "dpjax.accounting",
+    "ClippedGradient": "dpjax.clipping",
+    "clipped_grad": "dpjax.clipping",
+    "even_layer_clip_norms": "dpjax.clipping",
+    "PrivacyLedger": "dpjax.ledger",
+    "check_budget": "dpjax.ledger",
+    "epsilon": "dpjax.ledger",
+    "privacy_statement": "dpjax.ledger",
+    "steps_taken": "dpjax.ledger",
+    "PrivatizeState": "dpjax.noise",
+    "UnverifiedBatchesWarning": "dpjax.noise",
+    "dp_adam": "dpjax.noise",
+    "dp_sgd": "dpjax.noise",
+    "privatize": "dpjax.noise",
+    "BatchProvenanceError": "dpjax.provenance",
+    "BatchProvenanceWarning": "dpjax.provenance",
+    "Batch": "dpjax.sampling",
+    "FixedSizeSampler": "dpjax.sampling",
+    "PoissonSampler": "dpjax.sampling",
+    "SampledBatch": "dpjax.sampling",
+    "fit": "dpjax.training",
+    "TrainResult": "dpjax.training",
+}
+_SUBMODULES = ("accounting", "audit", "checkpointing", "clipping", "datasets", "defaults", "fast_clipping",
+               "ledger", "models", "nnx", "noise", "parallel", "pate", "provenance", "sampling",
+               "separability", "training", "validation", "weight_sharing")
 
 __version__ = "0.1.0"
 
@@ -52,12 +75,16 @@ __all__ = [
 
 
 def __getattr__(name):
-    # The training loop pulls in orbax and tqdm; import it only when asked for.
     import importlib
 
-    if name in ("datasets", "models", "training", "checkpointing", "parallel", "audit", "pate", "fast_clipping",
-                "nnx"):
+    if name in _SUBMODULES:
         return importlib.import_module(f"dpjax.{name}")
-    if name in ("fit", "TrainResult"):
-        return getattr(importlib.import_module("dpjax.training"), name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'dpjax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

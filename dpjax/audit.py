@@ -81,7 +81,6 @@ __all__ = [
     "train_classifier",
     "plot_scores",
     "run",
-    "add_arguments",
     "run_cli",
 ]
 
@@ -744,35 +743,6 @@ def run(*, out: Optional[str] = None, **kwargs) -> AuditResult:
                        "setting": s}, f, indent=2)
         print(f"wrote {os.path.join(out, 'audit_scores.png')} and audit.json")
     return result
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``dpjax audit``."""
-    g = parser.add_argument_group("audited DP-SGD setting")
-    g.add_argument("--noise-multiplier", type=float, default=3.0, metavar="SIGMA",
-                   help="noise multiplier (default 3)")
-    g.add_argument("--steps", type=int, default=10, help="noisy steps (default 10)")
-    g.add_argument("--sampling-rate", type=float, default=0.5, metavar="Q",
-                   help="Poisson sampling rate of examples and canaries (default 0.5)")
-    g.add_argument("--num-canaries", type=int, default=2000, metavar="M",
-                   help="gradient-space canaries, each included with probability 1/2 (default 2000)")
-    g.add_argument("--num-real", type=int, default=16,
-                   help="real digits training examples (default 16)")
-    g.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
-    g.add_argument("--confidence", type=float, default=0.95,
-                   help="confidence of the lower bound (default 0.95)")
-    g.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    g.add_argument("--loop", choices=LOOP_FORMS, default="plain",
-                   help="the training-loop form to audit: plain, accumulation (4 micro-batches of one "
-                        "draw), microbatch (clipped_grad(microbatch_size=128)) or nnx (dpjax.nnx.Optimizer); "
-                        "default plain")
-    parser.add_argument("--demo-config", action="store_true",
-                        help="audit the privacy setting of `dpjax train`'s defaults instead: all "
-                             "1,437 digits training examples, full batch (q = 1), the default "
-                             "number of steps and the sigma calibrated for epsilon = 3 (a weak "
-                             "audit: expect a lower bound near 0)")
-    parser.add_argument("--out", default="dpjax-audit", metavar="DIR",
-                        help="where to write audit_scores.png and audit.json (default dpjax-audit)")
 
 
 def run_cli(args: argparse.Namespace) -> int:

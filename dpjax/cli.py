@@ -25,6 +25,7 @@ __all__ = ["Command", "COMMANDS", "register_command", "build_parser", "main"]
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+AUDIT_LOOP_FORMS = ("plain", "accumulation", "microbatch", "nnx")  # dpjax.audit.LOOP_FORMS (tested equal)
 
 _EPS_DELTA_LINE = (
     "(epsilon, delta) in one line: changing any one training example changes "
@@ -189,9 +190,9 @@ def _calibrate_run(args: argparse.Namespace) -> int:
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    from dpjax import training
+    from dpjax.defaults import DEFAULTS
 
-    d = training.DEFAULTS
+    d = DEFAULTS
     data = parser.add_argument_group("data and model")
     data.add_argument("--data", metavar="PATH.npz", default=None,
                       help="your own arrays: an .npz with x_train, y_train, x_test, y_test "
@@ -252,9 +253,32 @@ def _train_run(args: argparse.Namespace) -> int:
 
 
 def _audit_arguments(parser: argparse.ArgumentParser) -> None:
-    from dpjax import audit
-
-    audit.add_arguments(parser)
+    """Options of ``dpjax audit`` (here, not in dpjax.audit, so that they need no JAX import)."""
+    g = parser.add_argument_group("audited DP-SGD setting")
+    g.add_argument("--noise-multiplier", type=float, default=3.0, metavar="SIGMA",
+                   help="noise multiplier (default 3)")
+    g.add_argument("--steps", type=int, default=10, help="noisy steps (default 10)")
+    g.add_argument("--sampling-rate", type=float, default=0.5, metavar="Q",
+                   help="Poisson sampling rate of examples and canaries (default 0.5)")
+    g.add_argument("--num-canaries", type=int, default=2000, metavar="M",
+                   help="gradient-space canaries, each included with probability 1/2 (default 2000)")
+    g.add_argument("--num-real", type=int, default=16,
+                   help="real digits training examples (default 16)")
+    g.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
+    g.add_argument("--confidence", type=float, default=0.95,
+                   help="confidence of the lower bound (default 0.95)")
+    g.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    g.add_argument("--loop", choices=AUDIT_LOOP_FORMS, default="plain",
+                   help="the training-loop form to audit: plain, accumulation (4 micro-batches of one "
+                        "draw), microbatch (clipped_grad(microbatch_size=128)) or nnx (dpjax.nnx.Optimizer); "
+                        "default plain")
+    parser.add_argument("--demo-config", action="store_true",
+                        help="audit the privacy setting of `dpjax train`'s defaults instead: all "
+                             "1,437 digits training examples, full batch (q = 1), the default "
+                             "number of steps and the sigma calibrated for epsilon = 3 (a weak "
+                             "audit: expect a lower bound near 0)")
+    parser.add_argument("--out", default="dpjax-audit", metavar="DIR",
+                        help="where to write audit_scores.png and audit.json (default dpjax-audit)")
 
 
 def _audit_run(args: argparse.Namespace) -> int:
@@ -269,9 +293,25 @@ def _audit_run(args: argparse.Namespace) -> int:
 
 
 def _pate_arguments(parser: argparse.ArgumentParser) -> None:
-    from dpjax import pate
-
-    pate.add_arguments(parser)
+    g = parser.add_argument_group("PATE")
+    g.add_argument("--teachers", type=int, default=100, help="number of teachers (default 100)")
+    g.add_argument("--aggregator", choices=("confident", "gnmax", "lnmax"), default="confident",
+                   help="noisy vote (default confident: Confident-GNMax)")
+    g.add_argument("--sigma", type=float, default=10.0,
+                   help="GNMax noise std (sigma2 of Confident-GNMax; default 10)")
+    g.add_argument("--threshold", type=float, default=60.0,
+                   help="Confident-GNMax threshold T on the top vote count (default 60)")
+    g.add_argument("--sigma1", type=float, default=30.0,
+                   help="Confident-GNMax threshold-check noise std (default 30)")
+    g.add_argument("--gamma", type=float, default=0.05,
+                   help="LNMax: Laplace noise of scale 1/gamma (default 0.05)")
+    g.add_argument("--queries", type=int, default=200,
+                   help="public points the student may query (taken from the test split; "
+                        "the rest evaluates the student; default 200)")
+    g.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
+    g.add_argument("--use-abstained", action="store_true",
+                   help="also train the student on abstained points (entropy minimisation)")
+    g.add_argument("--seed", type=int, default=0)
 
 
 def _pate_run(args: argparse.Namespace) -> int:
@@ -364,7 +404,10 @@ def register_command(command: Command) -> None:
     COMMANDS[:] = [c for c in COMMANDS if c.name != command.name] + [command]
 
 
-def build_parser(commands: Optional[Sequence[Command]] = None) -> argparse.ArgumentParser:
+def build_parser(commands: Optional[Sequence[Command]] = None,
+                 only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``dpjax`` parser. With ``only``, just that command's options are
+    built (the others keep their one-line help): options may import modules."""
     parser = argparse.ArgumentParser(
         prog="dpjax",
         description=_wrap("dpjax: differentially private training for JAX.",
@@ -381,14 +424,21 @@ def build_parser(commands: Optional[Sequence[Command]] = None) -> argparse.Argum
             epilog=command.epilog or None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        command.add_arguments(p)
+        if only is None or only == command.name:
+            command.add_arguments(p)
         p.set_defaults(_run=command.run)
     return parser
 
 
+def _command_in(argv: Sequence[str]) -> Optional[str]:
+    names = {c.name for c in COMMANDS}
+    return next((a for a in argv if a in names), None)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``dpjax``; returns the exit status (0 ok, 2 bad input)."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=_command_in(argv) or "")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or an argparse usage error (2)

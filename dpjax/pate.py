@@ -81,7 +81,7 @@ __all__ = [
     "rdp_gnmax_data_independent", "log_q_gnmax", "rdp_gnmax_from_logq",
     "rdp_gnmax_data_dependent", "ball_log_q_bounds", "local_sensitivity",
     "smooth_sensitivity", "privacy_analysis", "train_student", "PateResult", "run_pate",
-    "add_arguments", "run",
+    "run",
 ]
 
 ORDERS = np.concatenate([np.linspace(1.1, 10.9, 99), np.arange(11, 100),
@@ -601,28 +601,6 @@ def run_pate(data=None, *, n_teachers: int = 100, aggregator: str = "confident",
 # --------------------------------------------------------------------------
 # CLI: dpjax pate
 # --------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("PATE")
-    g.add_argument("--teachers", type=int, default=100, help="number of teachers (default 100)")
-    g.add_argument("--aggregator", choices=("confident", "gnmax", "lnmax"), default="confident",
-                   help="noisy vote (default confident: Confident-GNMax)")
-    g.add_argument("--sigma", type=float, default=10.0,
-                   help="GNMax noise std (sigma2 of Confident-GNMax; default 10)")
-    g.add_argument("--threshold", type=float, default=60.0,
-                   help="Confident-GNMax threshold T on the top vote count (default 60)")
-    g.add_argument("--sigma1", type=float, default=30.0,
-                   help="Confident-GNMax threshold-check noise std (default 30)")
-    g.add_argument("--gamma", type=float, default=0.05,
-                   help="LNMax: Laplace noise of scale 1/gamma (default 0.05)")
-    g.add_argument("--queries", type=int, default=200,
-                   help="public points the student may query (taken from the test split; "
-                        "the rest evaluates the student; default 200)")
-    g.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
-    g.add_argument("--use-abstained", action="store_true",
-                   help="also train the student on abstained points (entropy minimisation)")
-    g.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,23 +28,11 @@ from flax import nnx
 from dpjax import accounting, checkpointing, ledger, validation
 from dpjax.clipping import clipped_grad
 from dpjax.noise import PrivatizeState, privatize
+from dpjax.defaults import DEFAULTS
 from dpjax.sampling import PoissonSampler
 
 
-# Tuned on digits (benchmarks/tune_digits.py, then the default CNN; see
-# benchmarks/results/accuracy_vs_epsilon.md); used by fit() and `dpjax train`.
-# Full batch (1,437 = all of digits' training set, so q = 1): each epoch is one
-# noisy step. The optimizer is schedule-free SGD (default_optimizer), evaluated
-# at its averaged parameters.
-DEFAULTS = {
-    "model": "cnn",
-    "epochs": 30,
-    "batch_size": None,  # None: the whole training set (q = 1)
-    "l2_clip_norm": 1.0,
-    "optimizer": "schedule_free_sgd",
-    "learning_rate": 8.0,
-    "momentum": 0.95,
-}
+# The defaults live in dpjax.defaults (no JAX import) so that `dpjax train --help` is fast.
 
 
 @dataclasses.dataclass
