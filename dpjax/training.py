@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import warnings
 from typing import Any, Callable, Dict, List, Optional
 
@@ -165,8 +167,12 @@ class FitSettings:
       microbatch_size / clipping_method / keep_fraction: passed to
         :func:`dpjax.clipped_grad` (``microbatch_size``, ``method``,
         ``keep_fraction``): memory and speed only, the result is the same.
-      checkpoint_dir / checkpoint_every / resume: orbax checkpoints every N
-        steps and at the end; ``resume=True`` continues from the latest.
+      checkpoint_dir / checkpoint_every / resume / overwrite: orbax checkpoints
+        every N steps and at the end, verified on restore, with an append-only
+        privacy log beside them (:mod:`dpjax.checkpointing`). ``resume=True``
+        continues from the newest valid checkpoint (and is an error when there
+        is none); a folder that already holds checkpoints is refused unless
+        ``resume`` or ``overwrite=True`` (which deletes them; the log stays).
       progress: show a progress bar (tqdm); ``False`` for logs.
       max_steps: stop after this many steps in this call (for tests and
         time-boxed runs; a later ``resume`` continues).
@@ -199,6 +205,7 @@ class FitSettings:
     checkpoint_dir: Optional[str] = None
     checkpoint_every: int = 50
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
     max_steps: Optional[int] = None
     on_checkpoint: Optional[Callable[[int], None]] = None
@@ -263,6 +270,8 @@ def _plan(s: FitSettings, n: int) -> _Plan:
         validation.check_positive("target_epsilon", s.target_epsilon)
     if s.resume and s.checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
+    if s.resume and s.overwrite:
+        raise ValueError("pass resume=True (continue the checkpoints) or overwrite=True (discard them), not both")
     total_steps = math.ceil(s.epochs * n / batch_size)
     sigma = s.noise_multiplier
     if sigma is None:
@@ -317,10 +326,33 @@ def _start(s: FitSettings, plan: _Plan, params, seeds):
     return tx, _Run(params=params, opt_state=opt_state, sampler=sampler, seeds=seeds, history=[])
 
 
+def _open_checkpoints(s: FitSettings, run: _Run, plan: _Plan):
+    """The checkpoint manager, after resuming or checking that nothing is overwritten silently."""
+    if s.checkpoint_dir is None:
+        return None
+    manager = checkpointing.CheckpointManager(s.checkpoint_dir)
+    if s.resume:
+        _restore(manager, run, plan)
+    elif manager.has_history():
+        steps = manager.steps()
+        if not s.overwrite:
+            raise checkpointing.CheckpointError(
+                f"{s.checkpoint_dir} already holds a run (checkpoint steps {steps or 'none'}, privacy log "
+                f"{'present' if os.path.exists(manager.log_path) else 'absent'}); starting again at step 0 "
+                "would hide what it spent. Resume it (resume=True, --resume) or discard it explicitly "
+                "(overwrite=True, --overwrite)."
+            )
+        manager.discard_steps()
+        manager.append_log({"event": "overwrite", "discarded_steps": steps})
+    return manager
+
+
 def _restore(manager, run: _Run, plan: _Plan) -> None:
-    """Continue ``run`` from the latest checkpoint in ``manager`` (if any)."""
-    if manager.latest_step() is None:
-        return
+    """Continue ``run`` from the newest valid checkpoint (reporting the bad newer ones)."""
+    if not manager.steps():
+        raise checkpointing.CheckpointError(
+            f"nothing to resume in {manager.directory}: no checkpoint there. Drop --resume (resume=True) "
+            "to start a new run.")
     restored = manager.restore({"params": run.params, "opt_state": run.opt_state})
     checkpointing.check_same_config(restored.meta["config"], plan.config)
     run.params, run.opt_state = restored.state["params"], restored.state["opt_state"]
@@ -328,7 +360,14 @@ def _restore(manager, run: _Run, plan: _Plan) -> None:
     run.seeds = restored.meta["seeds"]  # seed=None runs continue their own streams
     run.history = restored.meta["history"]
     if ledger.steps_taken(run.opt_state) != run.sampler.step:
-        raise RuntimeError("checkpoint is inconsistent: ledger steps != sampler steps")
+        raise checkpointing.CheckpointError(f"checkpoint step {restored.step} is inconsistent: ledger steps "
+                                            f"{ledger.steps_taken(run.opt_state)} != sampler step {run.sampler.step}")
+    for step, why in restored.skipped:
+        warnings.warn(f"checkpoint step {step} in {manager.directory} is bad ({why}); resumed from step "
+                      f"{restored.step}. The steps after it are replayed with the stored seeds, which "
+                      "recomputes the same noisy updates.", checkpointing.CheckpointFallbackWarning, stacklevel=3)
+    manager.append_log({"event": "resume", "from_step": restored.step,
+                        "skipped": [{"step": st, "why": why} for st, why in restored.skipped]})
 
 
 def _train_step(s: FitSettings, apply_fn, tx):
@@ -397,11 +436,16 @@ class _Loop:
         if self.manager is None:
             return
         run = self.run
+        led = ledger.find_ledger(run.opt_state)
+        spent = {"steps_spent": int(led.steps), "noise_multiplier": float(led.noise_multiplier),
+                 "sampling_rate": float(led.sampling_rate), "dataset_size": int(led.dataset_size),
+                 "delta": self.s.delta, "epsilon": self.spent(), "accountant": self.s.accountant}
         self.manager.save(
             step,
             {"params": run.params, "opt_state": run.opt_state},
             {"config": self.plan.config, "sampler": run.sampler.state_dict(), "seeds": run.seeds,
              "history": run.history},
+            log=spent,
         )
         if self.s.on_checkpoint is not None:
             self.s.on_checkpoint(step)
@@ -488,9 +532,7 @@ def fit(model, data: Dict[str, np.ndarray], settings: Optional[FitSettings] = No
         seeds = parallel.broadcast_seeds(seeds)  # every process: same init, sampler and noise seeds
     apply_fn, params, finalize = _functional(model, jnp.asarray(x_train[:1]), jax.random.PRNGKey(seeds["init"]))
     tx, run = _start(s, plan, params, seeds)
-    manager = checkpointing.CheckpointManager(s.checkpoint_dir) if s.checkpoint_dir else None
-    if s.resume:
-        _restore(manager, run, plan)
+    manager = _open_checkpoints(s, run, plan)
     train_data = {"x": x_train, "y": y_train}
     if s.mesh is not None:
         train_data = run.sampler.local_slice(train_data)  # this process samples only its own range
@@ -545,27 +587,10 @@ def save_plot(history: List[Dict[str, float]], path: str, title: str = "") -> No
     plt.close(fig)
 
 
-def run_cli(args) -> int:
-    """``dpjax train``: see ``dpjax train --help``."""
-    from dpjax import datasets, models
+def run_cli(args, data, num_classes: int) -> int:
+    """``dpjax train`` once :mod:`dpjax.cli` has checked the arguments and the data."""
+    from dpjax import models
 
-    validation.check_positive("--epsilon", args.epsilon)
-    validation.check_open_unit("--delta", args.delta)
-    if args.noise_multiplier is not None:
-        validation.check_positive("--noise-multiplier", args.noise_multiplier)
-    validation.check_positive("--clip-norm", args.clip_norm)
-    validation.check_positive("--lr", args.lr)
-    validation.check_positive("--epochs", args.epochs)
-    if args.batch_size is not None:
-        validation.check_positive_int("--batch-size", args.batch_size)
-    if args.microbatch_size is not None:
-        validation.check_positive_int("--microbatch-size", args.microbatch_size)
-    if args.keep_fraction is not None and not args.keep_fraction >= 0:
-        raise ValueError(f"--keep-fraction must be >= 0 (or inf), got {args.keep_fraction}")
-    if args.resume and not args.checkpoint_dir:
-        raise ValueError("--resume needs --checkpoint-dir")
-    data = datasets.load_npz(args.data) if args.data else datasets.load_digits()
-    num_classes = int(max(data["y_train"].max(), data["y_test"].max())) + 1
     model = models.build(args.model, num_classes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", accounting.RdpConvergenceWarning)
@@ -575,7 +600,7 @@ def run_cli(args) -> int:
               "epsilon is a valid but loose bound; --accountant pld gives a tighter one.")
     for w in caught:
         if not issubclass(w.category, accounting.RdpConvergenceWarning):
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            print(f"warning: {w.message}", file=sys.stderr)
     return _report(result, args)
 
 
@@ -595,6 +620,7 @@ def _fit_for_cli(model, data, args) -> TrainResult:
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        overwrite=args.overwrite,
         progress=not args.quiet,
         microbatch_size=args.microbatch_size,
         clipping_method=args.clipping_method,

@@ -114,7 +114,7 @@ def test_bad_arguments(data):
 
 
 def _train_cmd(*extra):
-    return [sys.executable, "-m", "dpjax", "train", "--model", "mlp", "--quiet", "--lr", "0.01", *extra]
+    return [sys.executable, "-m", "dpjax", "train", "--model", "mlp", "--quiet", "--lr", "0.01", "--seed", "0", *extra]
 
 
 def test_killed_run_leaves_consistent_checkpoint_and_resumes(data, tmp_path):
