@@ -106,6 +106,14 @@ def _steps(args: argparse.Namespace) -> int:
     return math.ceil(epochs * args.dataset_size / args.batch_size)
 
 
+def warn_large_delta(delta: float, n: int) -> None:
+    """Say so on stderr when δ is not below 1/N (a weak guarantee)."""
+    if n > 0 and 0 < delta < 1 and delta >= 1.0 / n:
+        print(f"warning: delta = {delta:g} is not below 1/N = {1.0 / n:.3g} (N = {n}): a mechanism that "
+              "publishes one random training example outright satisfies (0, 1/N)-DP; choose delta well "
+              "below 1/N (e.g. 1e-5 or 1/N^1.1)", file=sys.stderr)
+
+
 def _format_up(x: float, significant: int = 4) -> str:
     from dpjax.accounting import _round_up
     return _round_up(x, significant)
@@ -141,6 +149,7 @@ def _epsilon_run(args: argparse.Namespace) -> int:
     from dpjax import accounting
 
     steps = _steps(args)
+    warn_large_delta(args.delta, args.dataset_size)
     eps = accounting.epsilon(
         noise_multiplier=args.noise_multiplier, steps=steps, delta=args.delta,
         accountant=args.accountant, sampling=args.sampling,
@@ -173,6 +182,7 @@ def _calibrate_run(args: argparse.Namespace) -> int:
     from dpjax import accounting
 
     steps = _steps(args)
+    warn_large_delta(args.delta, args.dataset_size)
     sigma = accounting.calibrate_noise_multiplier(
         target_epsilon=args.target_epsilon, delta=args.delta, steps=steps,
         accountant=args.accountant, sampling=args.sampling,
@@ -199,6 +209,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                            "(integer labels); default: scikit-learn's digits, shipped offline")
     data.add_argument("--model", choices=("mlp", "cnn"), default=d["model"],
                       help=f"model to train (default {d['model']})")
+    data.add_argument("--num-classes", type=int, default=None, metavar="K",
+                      help="number of classes (default: largest training label + 1); test labels "
+                           "must be among them")
     priv = parser.add_argument_group("privacy")
     priv.add_argument("--epsilon", type=float, default=3.0, metavar="EPS",
                       help="privacy budget epsilon (> 0; default 3). The noise is calibrated so the "
@@ -219,9 +232,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="expected (Poisson) batch size (default: the whole training set, q = 1)")
     opt.add_argument("--lr", type=float, default=d["learning_rate"],
                      help=f"learning rate (default {d['learning_rate']})")
-    opt.add_argument("--seed", type=int, default=0,
-                     help="seed for initialisation, sampling and noise (default 0, for a "
-                          "reproducible demo; a real release should keep its seed secret)")
+    opt.add_argument("--seed", type=int, default=None,
+                     help="one seed for initialisation, sampling and noise, for a reproducible "
+                          "run (keep it secret for a real release: it determines the batches and "
+                          "the noise). Default: seeds drawn from the operating system, stored with "
+                          "the checkpoints (which are then secret like a key)")
     speed = parser.add_argument_group("speed and memory (same result either way)")
     speed.add_argument("--clipping-method", choices=("auto", "fast", "vmap"), default="auto",
                        help="per-example clipping engine (default auto: fast, vmap if the model defeats it)")
@@ -235,16 +250,77 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--checkpoint-every", type=int, default=50, metavar="STEPS",
                      help="steps between checkpoints (default 50)")
     run.add_argument("--resume", action="store_true",
-                     help="continue from the latest checkpoint in --checkpoint-dir")
+                     help="continue from the newest valid checkpoint in --checkpoint-dir (an error "
+                          "if there is none)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="discard the checkpoints already in --checkpoint-dir and start again (their "
+                          "privacy log is kept); without it or --resume such a folder is refused")
     run.add_argument("--out", default="dpjax-out", metavar="DIR",
                      help="where to write metrics.json and training.png (default dpjax-out)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _check_train_values(args: argparse.Namespace) -> None:
+    from dpjax import validation
+
+    validation.check_positive("--epsilon", args.epsilon)
+    validation.check_open_unit("--delta", args.delta)
+    if args.noise_multiplier is not None:
+        validation.check_positive("--noise-multiplier", args.noise_multiplier)
+    validation.check_positive("--clip-norm", args.clip_norm)
+    validation.check_positive("--lr", args.lr)
+    validation.check_positive("--epochs", args.epochs)
+    validation.check_positive_int("--checkpoint-every", args.checkpoint_every)
+    for name in ("batch_size", "microbatch_size"):
+        if getattr(args, name) is not None:
+            validation.check_positive_int("--" + name.replace("_", "-"), getattr(args, name))
+    if args.keep_fraction is not None and not args.keep_fraction >= 0:
+        raise ValueError(f"--keep-fraction must be >= 0 (or inf), got {args.keep_fraction}")
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
+    if (args.resume or args.overwrite) and not args.checkpoint_dir:
+        raise ValueError(f"--{'resume' if args.resume else 'overwrite'} needs --checkpoint-dir")
+    if args.resume and args.overwrite:
+        raise ValueError("pass --resume (continue the checkpoints) or --overwrite (discard them), not both")
+    validation.check_output_dir("--out", args.out)
+    if args.checkpoint_dir:
+        _check_checkpoint_dir(args)
+
+
+def _check_checkpoint_dir(args: argparse.Namespace) -> None:
+    """The resume rules, checked before any work (dpjax.fit checks them again)."""
+    import os
+
+    from dpjax import validation
+
+    path = args.checkpoint_dir
+    had = os.path.isdir(path)
+    validation.check_output_dir("--checkpoint-dir", path)
+    steps = sorted(int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n)))
+    log = os.path.exists(os.path.join(path, "privacy_log.jsonl"))
+    if args.resume and not steps:
+        raise ValueError(f"--resume: nothing to resume in {path} ({'an empty folder' if had else 'no such folder'}"
+                         f"{', but it has a privacy log' if log else ''}); drop --resume to start a new run")
+    if not args.resume and not args.overwrite and (steps or log):
+        raise ValueError(f"--checkpoint-dir {path} already holds a run (checkpoint steps {steps or 'none'}"
+                         f"{', a privacy log' if log else ''}); pass --resume to continue it or --overwrite to "
+                         "discard its checkpoints (its privacy log is kept)")
+
+
 def _train_run(args: argparse.Namespace) -> int:
+    """``dpjax train``: every argument, the data and the output folders are checked
+    before JAX is imported or anything is trained."""
+    from dpjax import datasets
+
+    _check_train_values(args)
+    data = datasets.load_npz(args.data) if args.data else datasets.load_digits()
+    classes = datasets.num_classes(data, args.num_classes, source=args.data or "digits")
+    warn_large_delta(args.delta, len(data["y_train"]))
+    print("seeds: " + ("from --seed (keep it secret for a real release)" if args.seed is not None else
+                       "drawn from the operating system (stored with the checkpoints; keep them secret)"))
     from dpjax import training
 
-    return training.run_cli(args)
+    return training.run_cli(args, data, classes)
 
 
 # --------------------------------------------------------------------------
@@ -427,6 +503,7 @@ def build_parser(commands: Optional[Sequence[Command]] = None,
         if only is None or only == command.name:
             command.add_arguments(p)
         p.set_defaults(_run=command.run)
+    parser.command_parsers = sub.choices  # so main can report a command's errors with its usage
     return parser
 
 
@@ -440,7 +517,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(only=_command_in(argv) or "")
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # say it with the command's usage line, not the top-level one
+            parser.command_parsers.get(getattr(args, "command", None) or "", parser).error(
+                "unrecognized arguments: " + " ".join(unknown))
     except SystemExit as exit_:  # --help (0) or an argparse usage error (2)
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else EXIT_USAGE)
