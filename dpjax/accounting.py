@@ -389,15 +389,23 @@ def _dropped_orders(setting: _Setting, accountant, capture: _ConvergenceCapture)
     return tuple(sorted(orders))
 
 
+_WARNED_SETTINGS: set = set()
+
+
 def _warn_dropped(setting: _Setting, orders: tuple, what: str, stacklevel: int) -> None:
+    # Once per (sampling rate, noise multiplier, what) in a process, and attributed to
+    # "dpjax" rather than to a source line: the line would only repeat the call.
+    key = (setting.sampling_rate, setting.noise_multiplier, what)
+    if key in _WARNED_SETTINGS:
+        return
+    _WARNED_SETTINGS.add(key)
     shown = ", ".join(f"{o:g}" for o in orders)
-    warnings.warn(
+    warnings.warn_explicit(
         f"dp_accounting's RDP accountant failed to converge for RDP order(s) "
         f"[{shown}] at sampling_rate={setting.sampling_rate:g}, "
         f"noise_multiplier={setting.noise_multiplier:g} and dropped them. {what} "
         "Use accountant='pld' for a tighter answer.",
-        RdpConvergenceWarning,
-        stacklevel=stacklevel + 1,
+        RdpConvergenceWarning, filename="dpjax.accounting", lineno=0, module="dpjax.accounting",
     )
 
 

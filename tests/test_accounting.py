@@ -65,7 +65,9 @@ def direct_fixed_size_rdp(n, b, sigma, steps, delta):
 
 @pytest.fixture(autouse=True)
 def _no_stray_warnings():
-    # Any RdpConvergenceWarning a test does not expect fails it.
+    # Any RdpConvergenceWarning a test does not expect fails it. (The warning is
+    # shown once per setting and process: forget the ones shown by earlier tests.)
+    accounting._WARNED_SETTINGS.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RdpConvergenceWarning)
         yield
@@ -354,6 +356,16 @@ def test_convergence_failure_gives_one_warning_and_no_logs(caplog, capfd):
     assert eps == direct_rdp(0.1, 1.0, 100, DELTA)
     # PLD does not drop orders: no warning, and a tighter value.
     assert epsilon(delta=DELTA, accountant="pld", **NONCONVERGING) < eps
+
+
+def test_convergence_warning_once_per_setting_without_a_source_line():
+    with pytest.warns(RdpConvergenceWarning) as record:
+        for _ in range(3):
+            epsilon(delta=DELTA, **NONCONVERGING)
+    assert len(record) == 1
+    assert record[0].filename == "dpjax.accounting" and record[0].lineno == 0  # no source line to print
+    with pytest.warns(RdpConvergenceWarning):  # another setting warns again
+        epsilon(delta=DELTA, **dict(NONCONVERGING, noise_multiplier=0.9))
 
 
 def test_convergence_warning_once_per_call_for_searches(caplog):
