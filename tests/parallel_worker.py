@@ -400,7 +400,9 @@ def run_multihost(pid, nproc, port, out_dir):
         resume_vs_straight=max_diff(resumed.params, straight.params),
         epsilon_straight=straight.epsilon,
         replicas_identical=replicas_identical(resumed.params),
-        checkpoints=sorted(os.listdir(ckpt)),
+        checkpoints=sorted(n for n in os.listdir(ckpt) if n.isdigit()),  # the step folders
+        privacy_log=[(r["event"], r.get("step", r.get("from_step"))) for r in
+                     dpjax.checkpointing.CheckpointManager(ckpt).read_log()],
         checkpoint_files=sorted(os.path.relpath(os.path.join(r, f), ckpt) for r, _, fs in os.walk(ckpt) for f in fs),
         seed_none_params=[x.tolist() for x in leaves(anonymous.params)],
     )

@@ -128,7 +128,7 @@ def test_no_silent_restart(runs, data, tmp_path):
 
 def _cli_run(ckpt, out, *extra):
     cmd = [sys.executable, "-m", "dpjax", "train", "--model", "mlp", "--quiet", "--lr", "4", "--epochs", "8",
-           "--batch-size", "256", "--epsilon", "6", "--seed", "3", "--checkpoint-dir", str(ckpt),
+           "--batch-size", "256", "--clip-norm", "1", "--epsilon", "6", "--seed", "3", "--checkpoint-dir", str(ckpt),
            "--checkpoint-every", "1", "--out", str(out), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ,
                                                                                     "JAX_PLATFORMS": "cpu"})

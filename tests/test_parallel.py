@@ -221,6 +221,8 @@ def test_two_process_fit_checkpoints_once_and_resumes_on_both(multihost):
     assert fa["epsilon"] == fa["epsilon_straight"]
     assert fa["replicas_identical"] and fb["replicas_identical"]
     assert fa["checkpoints"] == fb["checkpoints"] == ["2", "3", "5"]
+    # The privacy log beside them is written once (by process 0), not once per process.
+    assert fa["privacy_log"] == [["checkpoint", 2], ["checkpoint", 3], ["resume", 3], ["checkpoint", 5]]
     # seed=None: process 0's OS-drawn seeds are used on every process.
     assert fa["seed_none_params"] == fb["seed_none_params"]
     assert fa["seed_none_params"] != fa["params"]
