@@ -40,7 +40,7 @@ _LAZY = {
     "fit": "dpjax.training",
     "TrainResult": "dpjax.training",
 }
-_SUBMODULES = ("accounting", "audit", "checkpointing", "clipping", "datasets", "defaults", "fast_clipping",
+_SUBMODULES = ("accounting", "attacks", "audit", "checkpointing", "clipping", "datasets", "defaults", "fast_clipping",
                "ledger", "models", "nnx", "noise", "parallel", "pate", "provenance", "sampling",
                "separability", "training", "validation", "weight_sharing")
 

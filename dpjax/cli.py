@@ -317,7 +317,8 @@ def _train_run(args: argparse.Namespace) -> int:
     classes = datasets.num_classes(data, args.num_classes, source=args.data or "digits")
     warn_large_delta(args.delta, len(data["y_train"]))
     print("seeds: " + ("from --seed (keep it secret for a real release)" if args.seed is not None else
-                       "drawn from the operating system (stored with the checkpoints; keep them secret)"))
+                       ("drawn from the operating system" + (" (stored with the checkpoints: keep them secret)"
+                                                              if args.checkpoint_dir else ""))))
     from dpjax import training
 
     return training.run_cli(args, data, classes)
@@ -395,6 +396,76 @@ def _pate_run(args: argparse.Namespace) -> int:
 
     return pate.run(args)
 
+
+# --------------------------------------------------------------------------
+# dpjax attack
+# --------------------------------------------------------------------------
+
+ATTACKS = ("fgsm", "blackbox", "transfer", "privacy")
+ATTACK_TARGETS = ("dnn", "lr", "svm", "dt", "knn", "dp")  # dpjax.attacks.targets.KINDS + "dp" (tested)
+
+
+def _attack_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("attack")
+    g.add_argument("--attack", choices=ATTACKS, default="fgsm",
+                   help="fgsm: white-box FGSM against --target; blackbox: substitute + Jacobian augmentation "
+                        "against an oracle; transfer: the source x target transferability matrix; privacy: "
+                        "dpjax.fit models at epsilon 1, 3, 8 against a non-private one (default fgsm)")
+    g.add_argument("--target", choices=ATTACK_TARGETS, default="dnn",
+                   help="model attacked: dnn (MLP), lr (logistic regression), svm (linear), dt (decision tree), "
+                        "knn, dp (dpjax.fit's default CNN at --privacy-epsilon); dt and knn have no gradients, "
+                        "so only --attack blackbox reaches them (default dnn)")
+    g.add_argument("--eps", type=float, default=0.1,
+                   help="FGSM size (L-infinity, inputs in [0, 1]; default 0.1: on 8x8 digits the papers' "
+                        "0.3 for MNIST misclassifies nearly everything)")
+    g.add_argument("--steps", type=int, default=1, help="FGSM steps (> 1: the iterative variant; default 1)")
+    g.add_argument("--privacy-epsilon", type=float, default=3.0, help="epsilon of --target dp (default 3)")
+    b = parser.add_argument_group("black-box attack")
+    b.add_argument("--query-budget", type=int, default=10_000, help="oracle queries allowed (default 10000)")
+    b.add_argument("--initial", type=int, default=150,
+                   help="test examples the attacker starts from (the paper's 150); the rest evaluate (default 150)")
+    b.add_argument("--rounds", type=int, default=6, help="substitute training rounds rho (default 6)")
+    b.add_argument("--lam", type=float, default=0.1, help="Jacobian augmentation step lambda (default 0.1)")
+    b.add_argument("--no-flip", action="store_true", help="keep lambda's sign (default: flip it every 3 rounds)")
+    b.add_argument("--reservoir", type=int, default=None, metavar="KAPPA",
+                   help="from round 3 on, augment only KAPPA random points (reservoir sampling)")
+    r = parser.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=0, help="seed of the models and the attack (default 0)")
+    r.add_argument("--out", default="dpjax-attack", metavar="DIR", help="where to write JSON and PNG")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _check_attack_values(args: argparse.Namespace) -> None:
+    from dpjax import validation
+
+    eps = validation.check_non_negative("--eps", args.eps)
+    if eps > 1:
+        raise ValueError(f"--eps must be in [0, 1] (inputs lie in [0, 1]), got {args.eps}")
+    validation.check_positive_int("--steps", args.steps)
+    validation.check_positive("--privacy-epsilon", args.privacy_epsilon)
+    validation.check_positive_int("--rounds", args.rounds)
+    validation.check_positive("--lam", args.lam)
+    if args.reservoir is not None:
+        validation.check_positive_int("--reservoir", args.reservoir)
+    if not 1 <= args.initial <= 300:
+        raise ValueError(f"--initial must be in [1, 300] (digits has 360 test examples; the rest evaluate), "
+                         f"got {args.initial}")
+    validation.check_positive_int("--query-budget", args.query_budget)
+    if args.attack == "blackbox" and args.query_budget < args.initial:
+        raise ValueError(f"--query-budget {args.query_budget} is below --initial {args.initial}: labelling the "
+                         "initial set alone needs that many queries")
+    if args.attack == "fgsm" and args.target in ("dt", "knn"):
+        raise ValueError(f"--target {args.target} has no gradients for white-box FGSM: use --attack blackbox "
+                         "(a substitute's gradients) or --attack transfer")
+    validation.check_output_dir("--out", args.out)
+
+
+def _attack_run(args: argparse.Namespace) -> int:
+    _check_attack_values(args)
+    from dpjax.attacks import run
+
+    return run.run_cli(args)
+
 # --------------------------------------------------------------------------
 # Registry and parser
 # --------------------------------------------------------------------------
@@ -471,6 +542,19 @@ COMMANDS: List[Command] = [
                           "queries and epsilon (data-independent and data-dependent).",
                           _EPS_DELTA_LINE),
         epilog="examples:\n  dpjax pate\n  dpjax pate --aggregator gnmax --sigma 15\n  dpjax pate --teachers 250 --threshold 150 --sigma1 75 --sigma 25",
+    ),    Command(
+        name="attack",
+        help="attacks on trained models: FGSM, the black-box substitute attack, transferability",
+        add_arguments=_attack_arguments,
+        run=_attack_run,
+        description=_wrap("Attack models trained on digits: white-box FGSM (Goodfellow et al. 2015), the "
+                          "black-box attack of Papernot et al. 2017 (a substitute trained from an oracle's "
+                          "labels, grown by Jacobian-based dataset augmentation), the cross-technique "
+                          "transferability matrix (Papernot et al. 2016), and private against non-private "
+                          "targets. Writes attack_<name>.json and .png under --out."),
+        epilog="examples:\n  dpjax attack --attack fgsm --target dp --privacy-epsilon 1\n"
+               "  dpjax attack --attack blackbox --target knn --query-budget 2000\n"
+               "  dpjax attack --attack transfer --eps 0.1\n  dpjax attack --attack privacy",
     ),
 ]
 
