@@ -160,7 +160,7 @@ def plot(report: dict, path: str) -> None:
         ax.set_title("private and non-private targets (digits CNN)")
         ax.legend(fontsize=7)
     if kind != "transfer":
-        ax.set_ylabel("%")
+        ax.set_ylabel("misclassified or agreeing (%)" if kind == "blackbox" else "misclassified (%)")
         ax.grid(alpha=0.3)
         if kind != "privacy":
             ax.legend()
