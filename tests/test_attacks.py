@@ -195,3 +195,13 @@ def test_fgsm_on_a_private_model_runs(data):
     assert attacks.misclassification_rate(target.predict, adv, small["y_test"]) > \
         attacks.misclassification_rate(target.predict, small["x_test"], small["y_test"])
     assert jax.tree_util.tree_leaves(adv) and dpjax.attacks is attacks
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from dpjax.attacks import gradient_sign, oracle
+
+    for module in (gradient_sign, oracle, datasets):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

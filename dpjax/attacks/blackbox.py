@@ -37,7 +37,8 @@ class BlackBoxSettings:
     size), ``None`` never. reservoir [κ]: from round ``reservoir_after`` [σ] on,
     augment only κ points drawn at random (reservoir sampling), so queries grow
     linearly instead of doubling; ``None`` doubles every round.
-    eps: FGSM size on the substitute. training: how the substitute is fitted
+    eps: FGSM size on the substitute. hidden / num_classes: the substitute
+    MLP's widths and outputs. training: how the substitute is fitted
     each round (from scratch, on every point labelled so far).
     """
 
@@ -48,6 +49,7 @@ class BlackBoxSettings:
     reservoir_after: int = 3
     eps: float = 0.3
     hidden: tuple = (128, 128)
+    num_classes: int = 10
     training: PlainTraining = PlainTraining(epochs=20, batch_size=32, learning_rate=3e-3)
 
 
@@ -92,7 +94,7 @@ def _points_to_augment(s: BlackBoxSettings, rho: int, n: int, budget_left: int, 
 
 
 def blackbox_attack(oracle: Oracle, x_initial, *, evaluate: Callable[[np.ndarray], np.ndarray], x_eval, y_eval,
-                    settings: BlackBoxSettings = BlackBoxSettings(), seed: int = 0, num_classes: int = 10,
+                    settings: BlackBoxSettings = BlackBoxSettings(), seed: int = 0,
                     progress: bool = False) -> BlackBoxResult:
     """Run the attack; ``evaluate`` (the target's labels, *not* through the oracle:
     the experimenter's view) scores each round on ``x_eval``/``y_eval``."""
@@ -101,7 +103,7 @@ def blackbox_attack(oracle: Oracle, x_initial, *, evaluate: Callable[[np.ndarray
     if settings.rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {settings.rounds}")
     rng = np.random.default_rng(seed)
-    model = DNN(num_classes, hidden=tuple(settings.hidden))
+    model = DNN(settings.num_classes, hidden=tuple(settings.hidden))
     x_s = np.asarray(x_initial, np.float32)
     y_s = oracle.label(x_s)
     target_eval = np.asarray(evaluate(np.asarray(x_eval)))
