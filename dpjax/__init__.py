@@ -40,8 +40,8 @@ _LAZY = {
     "fit": "dpjax.training",
     "TrainResult": "dpjax.training",
 }
-_SUBMODULES = ("accounting", "attacks", "audit", "checkpointing", "clipping", "datasets", "defaults", "fast_clipping",
-               "ledger", "models", "nnx", "noise", "parallel", "pate", "provenance", "sampling",
+_SUBMODULES = ("accounting", "attacks", "audit", "checkpointing", "clipping", "correlated_noise", "datasets",
+               "defaults", "fast_clipping", "ledger", "models", "nnx", "noise", "parallel", "pate", "provenance", "sampling",
                "separability", "training", "validation", "weight_sharing")
 
 __version__ = "0.1.0"

@@ -760,3 +760,80 @@ def _refuse_batch_as_pytree(batch: Batch):
 
 
 jax.tree_util.register_pytree_node(Batch, _refuse_batch_as_pytree, lambda aux, children: None)
+
+
+class CyclicPoissonSampler(_Sampler):
+    """Cyclic Poisson sampling, the participation banded matrix factorisation assumes.
+
+    The ``N`` examples are split by a secret random permutation into
+    ``partitions`` parts of (nearly) equal size; step ``t`` Poisson-samples the
+    part ``t mod partitions``, each of its examples independently with
+    probability ``q``. An example can therefore only be in steps that are
+    ``partitions`` apart (b-min-separated participation with b = ``partitions``),
+    at most ``ceil(T / partitions)`` times in ``T`` steps.
+
+    >>> s = CyclicPoissonSampler(100, partitions=4, expected_batch_size=5, seed=0)
+    >>> s.sampling_rate, s.partitions
+    (0.2, 4)
+    >>> set(s.batch_at(0).indices[s.batch_at(0).mask].tolist()) <= set(s.partition(0).tolist())
+    True
+    """
+
+    sampling = "cyclic_poisson"
+
+    def __init__(self, num_examples: int, *, partitions: int, expected_batch_size: float | None = None,
+                 sampling_rate: float | None = None, seed: int | None = None):
+        super().__init__(num_examples, seed)
+        n = self._num_examples
+        self._partitions = validation.check_positive_int("partitions", partitions)
+        if self._partitions > n:
+            raise ValueError(f"partitions must be in [1, num_examples={n}], got {partitions!r}")
+        if (expected_batch_size is None) == (sampling_rate is None):
+            raise ValueError("pass exactly one of expected_batch_size or sampling_rate")
+        if sampling_rate is None:  # q is relative to one part: E[B] = q * N / partitions
+            e = validation.check_positive("expected_batch_size", expected_batch_size)
+            if e > n / self._partitions:
+                raise ValueError(f"expected_batch_size must be in (0, N / partitions = {n / self._partitions:g}], "
+                                 f"got {expected_batch_size!r}")
+            sampling_rate = e * self._partitions / n
+        self._sampling_rate = validation.check_rate("sampling_rate", sampling_rate)
+        self._expected_batch_size = self._sampling_rate * n / self._partitions
+        self._order = self._partitioning()
+        self._bucket_sizes = default_bucket_sizes(-(-n // self._partitions), self._sampling_rate)
+
+    def _partitioning(self) -> np.ndarray:
+        # A function of the secret seed only (a stream no step uses), so a restored sampler has the same parts.
+        return np.random.default_rng([self._seed, 2**31 - 1]).permutation(self._num_examples)
+
+    @property
+    def partitions(self) -> int:
+        return self._partitions
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``E[B] = q · N / partitions``, the public constant the noisy sum is divided by."""
+        return float(self._expected_batch_size)
+
+    def partition(self, index: int) -> np.ndarray:
+        """The (secret) examples of part ``index``."""
+        return np.sort(self._order[index % self._partitions::self._partitions])
+
+    def _draw_at(self, step: int) -> tuple[np.ndarray, int]:
+        part = self.partition(step)
+        rng = np.random.default_rng([self._seed, step])
+        real = np.sort(part[rng.random(len(part)) < self._sampling_rate]).astype(np.int32)
+        return real, int(real.shape[0])
+
+    def _extra_state(self) -> dict:
+        return {"partitions": self._partitions}
+
+    def load_state_dict(self, state: dict) -> None:
+        if isinstance(state, dict) and int(state.get("partitions", -1)) != self._partitions:
+            raise ValueError(f"state partitions={state.get('partitions')!r} does not match this sampler's "
+                             f"partitions={self._partitions}")
+        super().load_state_dict(state)
+        self._order = self._partitioning()
+
+    def max_participations(self, steps: int) -> int:
+        """The most steps of ``steps`` that any one example can be in."""
+        return -(-int(steps) // self._partitions)
