@@ -136,6 +136,8 @@ def plot(report: dict, path: str) -> None:
         ax.plot(q, [100 * r["misclassification"] for r in report["rounds"]], "o-", label="target misclassifies")
         ax.plot(q, [100 * r["agreement"] for r in report["rounds"]], "s--", label="substitute agrees with target")
         ax.set_xscale("log")
+        ax.set_xticks(q, [f"{v:,}" for v in q])
+        ax.minorticks_off()
         ax.set_xlabel("oracle queries")
         ax.set_title(f"black-box attack on {report['target']}, FGSM ε = {report['eps']:g}")
     elif kind == "transfer":
