@@ -205,3 +205,18 @@ def test_docstring_examples_run():
     for module in (gradient_sign, oracle, datasets):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+@pytest.mark.parametrize("attack,extra,key", [
+    ("blackbox", ["--target", "knn", "--rounds", "2", "--initial", "20", "--query-budget", "100"], "rounds"),
+    ("transfer", [], "matrix"),
+])
+def test_attack_cli_blackbox_and_transfer_write_json_and_png(capsys, tmp_path, attack, extra, key):
+    import json
+
+    assert main(["attack", "--attack", attack, "--quiet", "--out", str(tmp_path), *extra]) == 0
+    report = json.loads((tmp_path / f"attack_{attack}.json").read_text())
+    assert report[key] and report["attack"] == attack
+    assert (tmp_path / f"attack_{attack}.png").read_bytes()[:4] == b"\x89PNG"
+    if attack == "blackbox":
+        assert [r["queries"] for r in report["rounds"]] == [20, 40] and "spent 40 of 100" in capsys.readouterr().out
