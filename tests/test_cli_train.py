@@ -161,7 +161,8 @@ def test_delta_not_below_one_over_n_is_warned_about(capsys, command):
 def test_help_and_argument_errors_import_no_jax():
     code = ("import sys; from dpjax.cli import main; assert main(['--help']) == 0; "
             "assert main(['train', '--help']) == 0; assert main(['train', '--epsilon', '-1']) == 2; "
-            "assert main(['epsilon', '--help']) == 0; "
+            "assert main(['epsilon', '--help']) == 0; assert main(['attack', '--help']) == 0; "
+            "assert main(['attack', '--eps', '5']) == 2; "
             "bad = [m for m in ('jax', 'optax', 'flax', 'dp_accounting') if m in sys.modules]; "
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
