@@ -21,10 +21,11 @@ columns an example touches do not overlap, so ``Δ² = k · max_j ‖C[:, j]‖�
 
 This module holds the strategy, the streaming noise, the sensitivity, the
 participation check and the ε of the mechanism (the sampler is
-:class:`dpjax.sampling.CyclicPoissonSampler`). Not yet here: the optax
-transformation that applies it to a ``ClippedGradient`` with the in-jit ledger,
-tree-aggregation DP-FTRL, and the ``fit``/CLI options; plain ``privatize``
-refuses the cyclic sampler meanwhile.
+:class:`dpjax.sampling.CyclicPoissonSampler`), and the same pieces for
+tree aggregation (DP-FTRL): the stateless tree noise of each prefix sum and its
+sensitivity with and without restarts. Not yet here: the optax transformation
+that applies them to a ``ClippedGradient`` with the in-jit ledger, and the
+``fit``/CLI options; plain ``privatize`` refuses the cyclic sampler meanwhile.
 """
 
 from __future__ import annotations
@@ -166,3 +167,87 @@ def epsilon(*, noise_multiplier: float, bands: int, steps: int, sampling_rate: f
     bands = _check_bands(bands)
     return accounting.epsilon(noise_multiplier=noise_multiplier, steps=-(-int(steps) // bands),
                               sampling_rate=sampling_rate, delta=delta, accountant=accountant)
+
+
+# --------------------------------------------------------------------------
+# Tree aggregation (DP-FTRL, Kairouz et al., ICML 2021)
+# --------------------------------------------------------------------------
+#
+# Node (level l, index k) of the binary tree holds the sum of steps
+# k*2^l + 1 .. (k+1)*2^l and its own noise z(l, k). The prefix sum up to step t
+# is covered by one node per set bit of t, so its noise is
+# N_t = sum over set bits l of t of z(l, (t >> l) - 1). Each z is drawn from a key
+# folded with (l, k): no buffers, and a resumed run draws the very same noise.
+
+
+def tree_height(steps: int) -> int:
+    """Levels of the tree over ``steps`` steps (leaves included): ``⌊log₂ T⌋ + 1``,
+    the number of nodes one step's gradient enters."""
+    steps = int(steps)
+    if steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return steps.bit_length()
+
+
+def tree_nodes(step: int) -> list:
+    """The nodes ``(level, index)`` whose intervals partition steps ``1..step``.
+
+    >>> tree_nodes(5)   # [1, 4] and [5, 5]
+    [(0, 4), (2, 0)]
+    """
+    step = int(step)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return [(level, (step >> level) - 1) for level in range(step.bit_length()) if step >> level & 1]
+
+
+def tree_matrix(steps: int) -> np.ndarray:
+    """The (nodes × steps) 0/1 encoding: row (l, k) sums its interval (tests, small T)."""
+    rows = []
+    for level in range(tree_height(steps)):
+        for k in range(steps >> level):
+            row = np.zeros(steps)
+            row[k << level:(k + 1) << level] = 1.0
+            rows.append(row)
+    return np.array(rows)
+
+
+def tree_prefix_noise(key, step: int, like, height: int):
+    """``N_step``: the noise of the tree's prefix sum over steps ``1..step`` (standard
+    normal per node, a pytree like ``like``); ``N_0 = 0``. ``step`` may be traced
+    (inside ``jit``): every level is visited and masked by the bits of ``step``."""
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    step = jnp.asarray(step, jnp.int32)
+    total = [jnp.zeros(jnp.shape(x), jnp.float32) for x in leaves]
+    for level in range(int(height)):
+        present = (step >> level) & 1
+        node = jax.random.fold_in(jax.random.fold_in(key, level), (step >> level) - 1)
+        keys = jax.random.split(node, len(leaves))
+        total = [t + present * jax.random.normal(k, jnp.shape(x), jnp.float32)
+                 for t, k, x in zip(total, keys, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, total)
+
+
+def tree_gradient_noise(key, step: int, like, height: int):
+    """The noise of step ``step``'s gradient (1-based) when the optimizer follows the
+    noisy prefix sums: ``N_step − N_(step−1)``, so the noise of any prefix sum of
+    the gradients is one tree decomposition, not ``step`` independent draws."""
+    now = tree_prefix_noise(key, step, like, height)
+    before = tree_prefix_noise(key, jnp.asarray(step) - 1, like, height)
+    return jax.tree_util.tree_map(jnp.subtract, now, before)
+
+
+def tree_sensitivity(steps: int, participations: int = 1, restart_every=None) -> float:
+    """``Δ`` of the tree encoding for an example in ``participations`` steps.
+
+    Without restarts the worst case is that the steps share every node above
+    them: ``Δ ≤ participations · sqrt(height)`` (each node's sum grows by one per
+    participation below it). With a restart of the tree every ``restart_every``
+    steps (one participation per restart period, e.g. once per epoch), each
+    participation is in its own tree: ``Δ = sqrt(participations · height(restart_every))``.
+    """
+    if isinstance(participations, bool) or int(participations) != participations or participations < 1:
+        raise ValueError(f"participations must be a positive integer, got {participations!r}")
+    if restart_every is None:
+        return float(participations) * math.sqrt(tree_height(steps))
+    return math.sqrt(participations * tree_height(restart_every))

@@ -151,3 +151,52 @@ def test_plain_privatize_refuses_a_cyclic_sampler():
     with pytest.raises(ValueError, match="sampling must be one of"):
         dpjax.privatize(optax.sgd(0.1), noise_multiplier=1.0, l2_clip_norm=1.0,
                         sampler=CyclicPoissonSampler(100, partitions=4, sampling_rate=0.2, seed=0))
+
+
+def test_tree_nodes_partition_the_prefix():
+    for t in range(1, 40):
+        covered = sorted(i for level, k in cn.tree_nodes(t) for i in range(k << level, (k + 1) << level))
+        assert covered == list(range(t))
+    assert cn.tree_nodes(0) == [] and cn.tree_height(8) == 4 and cn.tree_height(7) == 3
+
+
+def test_tree_prefix_noise_covariance_is_the_shared_nodes():
+    steps, draws = 7, 20_000
+    keys = jax.random.split(jax.random.PRNGKey(3), draws)
+    height = cn.tree_height(steps)
+    noise = jax.vmap(lambda k: jnp.stack([cn.tree_prefix_noise(k, t, jnp.zeros(()), height)
+                                          for t in range(1, steps + 1)]))(keys)
+    shared = np.array([[len(set(cn.tree_nodes(s)) & set(cn.tree_nodes(t))) for t in range(1, steps + 1)]
+                       for s in range(1, steps + 1)])
+    np.testing.assert_allclose(np.cov(np.asarray(noise).T), shared, atol=0.06)
+
+
+def test_tree_gradient_noise_sums_to_the_prefix_noise_inside_jit():
+    key, like = jax.random.PRNGKey(0), {"w": jnp.zeros((3,)), "b": jnp.zeros(())}
+    height = cn.tree_height(10)
+    step_noise = jax.jit(lambda t: cn.tree_gradient_noise(key, t, like, height))
+    running = jax.tree_util.tree_map(jnp.zeros_like, like)
+    for t in range(1, 11):
+        running = jax.tree_util.tree_map(jnp.add, running, step_noise(t))
+        want = cn.tree_prefix_noise(key, t, like, height)
+        for a, b in zip(jax.tree_util.tree_leaves(running), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    # a resumed run (a fresh compiled step, at step 7) draws the same noise: it depends on (key, step) only
+    fresh = jax.jit(lambda t: cn.tree_gradient_noise(key, t, like, height))
+    np.testing.assert_array_equal(step_noise(7)["w"], fresh(7)["w"])
+
+
+@pytest.mark.parametrize("steps,participations", [(8, 1), (7, 1), (8, 2), (6, 3)])
+def test_tree_sensitivity_bounds_a_brute_force(steps, participations):
+    matrix = cn.tree_matrix(steps)
+    brute = cn.brute_force_sensitivity(matrix, 1, participations)
+    if participations == 1:
+        assert brute == pytest.approx(cn.tree_sensitivity(steps, 1))  # every leaf: one node per level
+    assert brute <= cn.tree_sensitivity(steps, participations) + 1e-12
+
+
+def test_tree_restarts_give_each_participation_its_own_tree():
+    epoch = 8
+    blocks = np.kron(np.eye(3), cn.tree_matrix(epoch))  # three independent trees, one per epoch
+    brute = cn.brute_force_sensitivity(blocks, epoch, 3)  # one participation per epoch
+    assert brute == pytest.approx(cn.tree_sensitivity(3 * epoch, 3, restart_every=epoch))
