@@ -38,8 +38,8 @@ import os
 import shutil
 from typing import Any, Dict, List, Optional, Tuple
 
-import jax
-import orbax.checkpoint as ocp
+# jax and orbax are imported where they are used: the CLI reads the step folders
+# and the privacy log through this module before JAX is imported.
 
 __all__ = ["CheckpointError", "CheckpointFallbackWarning", "CheckpointManager", "Restored", "check_same_config", "MANIFEST", "PRIVACY_LOG"]
 
@@ -150,6 +150,8 @@ class CheckpointManager:
 
     # -- writing -----------------------------------------------------------------
     def _manager(self):
+        import orbax.checkpoint as ocp
+
         if self._orbax is None:
             os.makedirs(self.directory, exist_ok=True)
             self._orbax = ocp.CheckpointManager(
@@ -161,6 +163,9 @@ class CheckpointManager:
 
     def save(self, step: int, state: Any, meta: Dict[str, Any], log: Optional[Dict[str, Any]] = None) -> None:
         """Write step ``step``; then its manifest, then ``log`` as a line of the privacy log."""
+        import jax
+        import orbax.checkpoint as ocp
+
         folder = os.path.join(self.directory, str(step))
         if os.path.isdir(folder):  # a bad leftover of an earlier attempt at this step
             shutil.rmtree(folder)
@@ -178,6 +183,8 @@ class CheckpointManager:
 
     def append_log(self, record: Dict[str, Any]) -> None:
         """Append one JSON line to the privacy log and flush it to disk."""
+        import jax
+
         if jax.process_index() != 0:
             return
         os.makedirs(self.directory, exist_ok=True)
@@ -208,6 +215,9 @@ class CheckpointManager:
         Bad newer steps are skipped and listed in ``Restored.skipped``; raises
         :class:`CheckpointError` if no step is valid.
         """
+        import jax
+        import orbax.checkpoint as ocp
+
         candidates = [step] if step is not None else list(reversed(self.steps()))
         if not candidates:
             raise CheckpointError(f"no checkpoint in {self.directory}")

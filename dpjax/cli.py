@@ -291,13 +291,13 @@ def _check_checkpoint_dir(args: argparse.Namespace) -> None:
     """The resume rules, checked before any work (dpjax.fit checks them again)."""
     import os
 
-    from dpjax import validation
+    from dpjax import checkpointing, validation
 
     path = args.checkpoint_dir
     had = os.path.isdir(path)
     validation.check_output_dir("--checkpoint-dir", path)
-    steps = sorted(int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n)))
-    log = os.path.exists(os.path.join(path, "privacy_log.jsonl"))
+    manager = checkpointing.CheckpointManager(path)
+    steps, log = manager.steps(), os.path.exists(manager.log_path)
     if args.resume and not steps:
         raise ValueError(f"--resume: nothing to resume in {path} ({'an empty folder' if had else 'no such folder'}"
                          f"{', but it has a privacy log' if log else ''}); drop --resume to start a new run")

@@ -158,14 +158,15 @@ def test_delta_not_below_one_over_n_is_warned_about(capsys, command):
     assert capsys.readouterr().err == ""
 
 
-def test_help_and_argument_errors_import_no_jax():
+def test_help_and_argument_errors_import_no_jax(tmp_path):
     code = ("import sys; from dpjax.cli import main; assert main(['--help']) == 0; "
             "assert main(['train', '--help']) == 0; assert main(['train', '--epsilon', '-1']) == 2; "
             "assert main(['epsilon', '--help']) == 0; assert main(['attack', '--help']) == 0; "
             "assert main(['attack', '--eps', '5']) == 2; "
+            f"assert main(['train', '--checkpoint-dir', {str(tmp_path / 'none')!r}, '--resume']) == 2; "
             "bad = [m for m in ('jax', 'optax', 'flax', 'dp_accounting') if m in sys.modules]; "
             "assert not bad, bad")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
