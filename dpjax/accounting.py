@@ -392,7 +392,7 @@ def _dropped_orders(setting: _Setting, accountant, capture: _ConvergenceCapture)
 _WARNED_SETTINGS: set = set()
 
 
-def _warn_dropped(setting: _Setting, orders: tuple, what: str, stacklevel: int) -> None:
+def _warn_dropped(setting: _Setting, orders: tuple, what: str) -> None:
     # Once per (sampling rate, noise multiplier, what) in a process, and attributed to
     # "dpjax" rather than to a source line: the line would only repeat the call.
     key = (setting.sampling_rate, setting.noise_multiplier, what)
@@ -526,8 +526,7 @@ def epsilon(*, noise_multiplier, steps, delta, sampling_rate=None, accountant=RD
     value, dropped = _value(setting, steps, "epsilon", target)
     if dropped:
         _warn_dropped(setting, dropped,
-                      "The returned epsilon is a valid but possibly loose upper bound.",
-                      stacklevel=2)
+                      "The returned epsilon is a valid but possibly loose upper bound.")
     return value
 
 
@@ -553,8 +552,7 @@ def delta(*, noise_multiplier, steps, epsilon, sampling_rate=None, accountant=RD
     value, dropped = _value(setting, steps, "delta", target)
     if dropped:
         _warn_dropped(setting, dropped,
-                      "The returned delta is a valid but possibly loose upper bound.",
-                      stacklevel=2)
+                      "The returned delta is a valid but possibly loose upper bound.")
     return value
 
 
@@ -655,7 +653,7 @@ def calibrate_noise_multiplier(*, target_epsilon, delta, steps, sampling_rate=No
         orders = tuple(sorted(capture.orders | set(dropped))) or (float("nan"),)
         _warn_dropped(setting.with_noise(sigma), orders,
                       "The calibrated noise_multiplier is valid but may be larger "
-                      "than necessary.", stacklevel=2)
+                      "than necessary.")
     return sigma
 
 
@@ -769,7 +767,7 @@ def max_steps(*, target_epsilon, delta, noise_multiplier, sampling_rate=None,
     if dropped:
         _warn_dropped(setting, dropped,
                       "The returned number of steps is safe but may be smaller "
-                      "than necessary.", stacklevel=2)
+                      "than necessary.")
     return result
 
 
@@ -811,7 +809,7 @@ class BudgetGuard:
         if dropped:
             _warn_dropped(self._setting, dropped,
                           "BudgetGuard.max_steps is safe but may be smaller than "
-                          "necessary.", stacklevel=2)
+                          "necessary.")
         self._max_steps = steps
 
     @property
@@ -831,8 +829,7 @@ class BudgetGuard:
         value, dropped = _value(self._setting, steps, "epsilon", self.delta)
         if dropped:
             _warn_dropped(self._setting, dropped,
-                          "The returned epsilon is a valid but possibly loose upper bound.",
-                          stacklevel=2)
+                          "The returned epsilon is a valid but possibly loose upper bound.")
         return value
 
     def check(self, steps_done, upcoming=1) -> None:

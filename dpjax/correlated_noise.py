@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpjax import validation
+
 
 def sqrt_prefix_sum_coefficients(bands: int) -> np.ndarray:
     """The first ``bands`` coefficients of the lower-triangular Toeplitz square root
@@ -53,9 +55,7 @@ def sqrt_prefix_sum_coefficients(bands: int) -> np.ndarray:
 
 
 def _check_bands(bands) -> int:
-    if isinstance(bands, bool) or not isinstance(bands, (int, np.integer)) or bands < 1:
-        raise ValueError(f"bands must be a positive integer, got {bands!r}")
-    return int(bands)
+    return validation.check_positive_int("bands", bands)
 
 
 def _check_coefficients(coefficients) -> np.ndarray:
@@ -79,9 +79,7 @@ def sensitivity(coefficients, participations: int = 1) -> float:
     """``Δ`` of the banded ``C`` under b-min-separated participation (b = the number
     of coefficients): ``sqrt(participations) · ‖c‖₂``, the largest column norm."""
     c = _check_coefficients(coefficients)
-    if isinstance(participations, bool) or not isinstance(participations, (int, np.integer)) or participations < 1:
-        raise ValueError(f"participations must be a positive integer, got {participations!r}")
-    return math.sqrt(participations) * float(np.linalg.norm(c))
+    return math.sqrt(validation.check_positive_int("participations", participations)) * float(np.linalg.norm(c))
 
 
 def brute_force_sensitivity(matrix: np.ndarray, separation: int, participations: int) -> float:
@@ -183,10 +181,7 @@ def epsilon(*, noise_multiplier: float, bands: int, steps: int, sampling_rate: f
 def tree_height(steps: int) -> int:
     """Levels of the tree over ``steps`` steps (leaves included): ``⌊log₂ T⌋ + 1``,
     the number of nodes one step's gradient enters."""
-    steps = int(steps)
-    if steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    return steps.bit_length()
+    return validation.check_positive_int("steps", steps).bit_length()
 
 
 def tree_nodes(step: int) -> list:
@@ -246,8 +241,7 @@ def tree_sensitivity(steps: int, participations: int = 1, restart_every=None) ->
     steps (one participation per restart period, e.g. once per epoch), each
     participation is in its own tree: ``Δ = sqrt(participations · height(restart_every))``.
     """
-    if isinstance(participations, bool) or int(participations) != participations or participations < 1:
-        raise ValueError(f"participations must be a positive integer, got {participations!r}")
+    participations = validation.check_positive_int("participations", participations)
     if restart_every is None:
         return float(participations) * math.sqrt(tree_height(steps))
     return math.sqrt(participations * tree_height(restart_every))

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dpjax import validation
+
 LogitsFn = Callable[[jax.Array], jax.Array]
 
 
@@ -40,8 +42,7 @@ def logits_fn(model, params=None) -> LogitsFn:
 
 
 def _check(x, eps, lo, hi):
-    if not (isinstance(eps, (int, float)) and np.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0 (the L-infinity size of the perturbation), got {eps!r}")
+    validation.check_non_negative("eps", eps)  # the L-infinity size of the perturbation
     if not lo < hi:
         raise ValueError(f"the input range needs lo < hi, got [{lo}, {hi}]")
     x = jnp.asarray(x, jnp.float32)
@@ -75,8 +76,7 @@ def fgsm(f: LogitsFn, x, y, eps: float, *, lo: float = 0.0, hi: float = 1.0, ste
     """
     x = _check(x, eps, lo, hi)
     y = jnp.asarray(y, jnp.int32)
-    if int(steps) < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = validation.check_positive_int("steps", steps)
     size = eps if steps == 1 else (eps / steps * 1.25 if step_size is None else float(step_size))
     return _fgsm_jit(f, x, y, float(eps), float(lo), float(hi), int(steps), float(size))
 

@@ -7,6 +7,8 @@ from typing import Callable
 
 import numpy as np
 
+from dpjax import validation
+
 
 class QueryBudgetExceeded(RuntimeError):
     """A request would take the oracle past its query budget; nothing was answered."""
@@ -32,8 +34,7 @@ class Oracle:
     __slots__ = ("_answer", "_count", "_budget")
 
     def __init__(self, predict: Callable[[np.ndarray], np.ndarray], budget: int):
-        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
-            raise ValueError(f"budget must be a positive integer (queries), got {budget!r}")
+        budget = validation.check_positive_int("budget", budget)
         if not callable(predict):
             raise TypeError("predict must map a batch of inputs to integer labels")
 
