@@ -21,6 +21,8 @@ _LAZY = {
     "ClippedGradient": "dpjax.clipping",
     "clipped_grad": "dpjax.clipping",
     "even_layer_clip_norms": "dpjax.clipping",
+    "BandMF": "dpjax.correlated_noise",
+    "TreeAggregation": "dpjax.correlated_noise",
     "PrivacyLedger": "dpjax.ledger",
     "check_budget": "dpjax.ledger",
     "epsilon": "dpjax.ledger",
@@ -34,6 +36,7 @@ _LAZY = {
     "BatchProvenanceError": "dpjax.provenance",
     "BatchProvenanceWarning": "dpjax.provenance",
     "Batch": "dpjax.sampling",
+    "CyclicPoissonSampler": "dpjax.sampling",
     "FixedSizeSampler": "dpjax.sampling",
     "PoissonSampler": "dpjax.sampling",
     "SampledBatch": "dpjax.sampling",
@@ -47,12 +50,14 @@ _SUBMODULES = ("accounting", "attacks", "audit", "checkpointing", "clipping", "c
 __version__ = "0.1.0"
 
 __all__ = [
+    "BandMF",
     "Batch",
     "BatchProvenanceError",
     "BatchProvenanceWarning",
     "SampledBatch",
     "UnverifiedBatchesWarning",
     "ClippedGradient",
+    "CyclicPoissonSampler",
     "FixedSizeSampler",
     "PoissonSampler",
     "PrivacyBudgetExceeded",
@@ -69,6 +74,7 @@ __all__ = [
     "privacy_statement",
     "privatize",
     "steps_taken",
+    "TreeAggregation",
     "fit",
     "TrainResult",
 ]

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -53,11 +54,11 @@ import optax
 from jax.flatten_util import ravel_pytree
 from scipy import stats
 
-from dpjax import accounting, validation
+from dpjax import accounting, correlated_noise, validation
 from dpjax.clipping import ClippedGradient, clipped_grad
 from dpjax import ledger as ledger_lib
 from dpjax.noise import privatize
-from dpjax.sampling import PoissonSampler
+from dpjax.sampling import CyclicPoissonSampler, PoissonSampler
 
 PyTree = Any
 
@@ -338,11 +339,11 @@ class AuditResult:
 
 
 def default_optimizer_factory(*, noise_multiplier, l2_clip_norm, sampler, seed, learning_rate,
-                              accumulation_steps=1):
-    """dpjax's DP-SGD: ``privatize(optax.sgd(learning_rate), ..., sampler=sampler)``."""
+                              accumulation_steps=1, noise=None):
+    """dpjax's DP-SGD: ``privatize(optax.sgd(learning_rate), ..., sampler=sampler, noise=noise)``."""
     return privatize(optax.sgd(learning_rate), noise_multiplier=noise_multiplier,
                      l2_clip_norm=l2_clip_norm, sampler=sampler, seed=seed,
-                     accumulation_steps=accumulation_steps)
+                     accumulation_steps=accumulation_steps, noise=noise)
 
 
 def _mlp(hidden):
@@ -482,7 +483,7 @@ def audit_dpsgd(*, noise_multiplier: float = 3.0, steps: int = 10, sampling_rate
                 num_guesses: Optional[int] = None, score: str = "auto", seed: int = 0,
                 accountant: str = "pld", loop: str = "plain", method: str = "vmap",
                 optimizer_factory: Callable = default_optimizer_factory,
-                clip_factory: Callable = clipped_grad) -> AuditResult:
+                clip_factory: Callable = clipped_grad, noise=None, partitions: int = 1) -> AuditResult:
     """One-run white-box audit of dpjax's DP-SGD with gradient-space canaries.
 
     Trains an MLP (``hidden`` units) on ``num_real`` digits examples plus the
@@ -522,16 +523,25 @@ def audit_dpsgd(*, noise_multiplier: float = 3.0, steps: int = 10, sampling_rate
     canary_norm = 10.0 * l2_clip_norm if canary_norm is None else float(canary_norm)
     if canary_norm < l2_clip_norm:
         raise ValueError("canary_norm must be >= l2_clip_norm so each canary contributes exactly C")
-    eps_acc = accounting.epsilon(noise_multiplier=noise_multiplier, steps=steps, delta=delta,
-                                 sampling_rate=sampling_rate, accountant=accountant)
+    partitions = validation.check_positive_int("partitions", partitions)
+    code = correlated_noise.INDEPENDENT if noise is None else noise.code
+    count, sampled = correlated_noise.compositions(code, steps, partitions, getattr(noise, "bands", 1))
+    eps_acc = accounting.epsilon(noise_multiplier=noise_multiplier, steps=count, delta=delta,
+                                 sampling_rate=sampling_rate if sampled else 1.0, accountant=accountant)
+    if noise is not None:
+        optimizer_factory = functools.partial(optimizer_factory, noise=noise)
     from dpjax.datasets import load_digits
 
     data = load_digits(seed=0)
     x, y = data["x_train"][:num_real], data["y_train"][:num_real]
     included = np.random.default_rng([seed, 1]).random(m) < 0.5
     population = _canary_population(x, y, included)
-    sampler = PoissonSampler(len(population["y"]), sampling_rate=sampling_rate, seed=seed + 30_000,
-                             bucket_sizes=(len(population["y"]),))
+    if noise is None and partitions == 1:
+        sampler = PoissonSampler(len(population["y"]), sampling_rate=sampling_rate, seed=seed + 30_000,
+                                 bucket_sizes=(len(population["y"]),))
+    else:
+        sampler = CyclicPoissonSampler(len(population["y"]), partitions=partitions, sampling_rate=sampling_rate,
+                                       seed=seed + 30_000)
     model = _mlp(hidden)
     params = model.init(jax.random.PRNGKey(seed), jnp.asarray(x[:1]))
     d = int(ravel_pytree(params)[0].shape[0])
@@ -553,7 +563,7 @@ def audit_dpsgd(*, noise_multiplier: float = 3.0, steps: int = 10, sampling_rate
     setting = dict(noise_multiplier=noise_multiplier, steps=steps, sampling_rate=sampling_rate,
                    num_canaries=m, num_real=num_real, l2_clip_norm=l2_clip_norm,
                    canary_norm=canary_norm, num_params=d, accountant=accountant, seed=seed,
-                   loop=loop, method=method)
+                   loop=loop, method=method, noise=repr(noise), partitions=partitions)
     return AuditResult(_combine(audits), eps_acc, delta, confidence, audits,
                        {n: scores[n] for n in names}, included, setting)
 

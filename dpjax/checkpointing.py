@@ -209,11 +209,14 @@ class CheckpointManager:
         return steps
 
     # -- reading -------------------------------------------------------------------
-    def restore(self, like: Any, step: Optional[int] = None) -> Restored:
+    def restore(self, like: Any, step: Optional[int] = None, config: Optional[Dict[str, Any]] = None) -> Restored:
         """The newest valid checkpoint (or ``step``), restored into the structure of ``like``.
 
         Bad newer steps are skipped and listed in ``Restored.skipped``; raises
-        :class:`CheckpointError` if no step is valid.
+        :class:`CheckpointError` if no step is valid. With ``config``, a valid
+        step's ``meta["config"]`` is compared with it (:func:`check_same_config`)
+        before its arrays are read, so other settings are named as such rather
+        than as arrays of another shape.
         """
         import jax
         import orbax.checkpoint as ocp
@@ -225,6 +228,13 @@ class CheckpointManager:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
         for s in candidates:
             why = self.verify(s)
+            if why is None and config is not None:
+                try:
+                    saved = self._manager().restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+                except Exception as e:  # noqa: BLE001 - unreadable metadata: try the previous step
+                    why = f"orbax could not read its metadata ({type(e).__name__}: {str(e)[:200]})"
+                else:
+                    check_same_config(saved.get("config", {}), config)
             if why is None:
                 try:
                     r = self._manager().restore(

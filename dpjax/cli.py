@@ -92,6 +92,67 @@ def _add_training_arguments(parser: argparse.ArgumentParser, *, noise: bool) -> 
              "probability q (default, what dpjax's PoissonSampler does); "
              "fixed_size: each step uses an independent uniformly random subset "
              "of exactly B examples (rdp only). Shuffled epochs are not supported.")
+    _add_noise_arguments(acct, batch_help="each step Poisson-samples one part with rate q = B * P / N")
+
+
+def _accounted(args: argparse.Namespace, steps: int) -> dict:
+    """The DP-SGD accounting arguments that describe ``steps`` steps of the --noise mechanism."""
+    check_noise_arguments(args)
+    if args.noise == "independent" and args.partitions is None:
+        return dict(steps=steps, sampling=args.sampling, dataset_size=args.dataset_size,
+                    batch_size=args.batch_size)
+    from dpjax import correlated_noise as cn
+
+    noise, parts = noise_object(args), args.partitions or max(args.bands or 1, 1)
+    if args.batch_size * parts > args.dataset_size:
+        raise ValueError(f"--batch-size * --partitions must be <= --dataset-size (B = {args.batch_size} per "
+                         f"step from a part of N / P = {args.dataset_size / parts:g} examples)")
+    count, sampled = cn.compositions(cn.INDEPENDENT if noise is None else noise.code, steps, parts, args.bands or 1)
+    return dict(steps=count, sampling="poisson",
+                sampling_rate=args.batch_size * parts / args.dataset_size if sampled else 1.0)
+
+
+NOISE_CHOICES = ("independent", "bandmf", "tree", "tree-one")
+_NOISE_HELP = ("noise across steps: independent (DP-SGD, default); bandmf: banded matrix factorisation "
+               "with --bands B; tree: tree aggregation (DP-FTRL), a new tree every pass over the "
+               "partitions; tree-one: one tree for the whole run. The correlated ones cycle the data "
+               "through --partitions P secret parts, one Poisson-sampled per step")
+
+
+def _add_noise_arguments(group, *, batch_help: str) -> None:
+    group.add_argument("--noise", choices=NOISE_CHOICES, default="independent", help=_NOISE_HELP)
+    group.add_argument("--bands", type=int, default=None, metavar="B",
+                       help="bands of --noise bandmf (>= 1; 1 is DP-SGD)")
+    group.add_argument("--partitions", type=int, default=None, metavar="P",
+                       help="parts the data are cycled through (cyclic Poisson sampling, >= the bands); "
+                            + batch_help)
+
+
+def check_noise_arguments(args: argparse.Namespace) -> None:
+    """The --noise/--bands/--partitions rules, before any import of JAX."""
+    if args.bands is not None and args.noise != "bandmf":
+        raise ValueError(f"--bands is for --noise bandmf, got --noise {args.noise}")
+    if args.noise == "bandmf":
+        if args.bands is None:
+            raise ValueError("--noise bandmf needs --bands B (an integer >= 1)")
+        if args.bands < 1:
+            raise ValueError(f"--bands must be an integer >= 1, got {args.bands}")
+    if args.partitions is not None:
+        if args.partitions < 1:
+            raise ValueError(f"--partitions must be an integer >= 1, got {args.partitions}")
+        if args.noise == "bandmf" and args.partitions < args.bands:
+            raise ValueError(f"--partitions ({args.partitions}) must be >= --bands ({args.bands}): an example "
+                             "would be in two steps of one band")
+    if getattr(args, "sampling", "poisson") == "fixed_size" and (args.noise != "independent" or args.partitions):
+        raise ValueError("--noise and --partitions need --sampling poisson (cyclic Poisson sampling)")
+
+
+def noise_object(args: argparse.Namespace):
+    """The dpjax.BandMF / dpjax.TreeAggregation that --noise names (None: independent)."""
+    from dpjax import correlated_noise as cn
+
+    return {"independent": None, "bandmf": cn.BandMF(bands=args.bands) if args.bands else None,
+            "tree": cn.TreeAggregation(), "tree-one": cn.TreeAggregation(restarts=False)}[args.noise]
 
 
 def _steps(args: argparse.Namespace) -> int:
@@ -119,13 +180,18 @@ def _format_up(x: float, significant: int = 4) -> str:
     return _round_up(x, significant)
 
 
-def _setting_line(args: argparse.Namespace, steps: int) -> str:
+def _setting_line(args: argparse.Namespace, steps: int, accounted: dict) -> str:
     q = args.batch_size / args.dataset_size
     how = (f"--steps {steps}" if args.steps is not None else
            f"ceil({args.epochs:g} epochs * {args.dataset_size} / {args.batch_size})")
-    return (f"q = {args.batch_size}/{args.dataset_size} = {q:.6g}, "
+    line = (f"q = {args.batch_size}/{args.dataset_size} = {q:.6g}, "
             f"steps = {steps} ({how}), sampling = {args.sampling}, "
             f"accountant = {args.accountant}")
+    if accounted["steps"] != steps or "sampling_rate" in accounted:
+        line += (f"\nnoise = {args.noise}" + (f" with {args.bands} bands" if args.bands else "")
+                 + f", cyclic over {args.partitions or args.bands or 1} parts: accounted as "
+                 f"{accounted['steps']} DP-SGD steps at q = {accounted['sampling_rate']:.6g}")
+    return line
 
 
 # --------------------------------------------------------------------------
@@ -150,19 +216,16 @@ def _epsilon_run(args: argparse.Namespace) -> int:
 
     steps = _steps(args)
     warn_large_delta(args.delta, args.dataset_size)
-    eps = accounting.epsilon(
-        noise_multiplier=args.noise_multiplier, steps=steps, delta=args.delta,
-        accountant=args.accountant, sampling=args.sampling,
-        dataset_size=args.dataset_size, batch_size=args.batch_size)
+    how = _accounted(args, steps)
+    eps = accounting.epsilon(noise_multiplier=args.noise_multiplier, delta=args.delta,
+                             accountant=args.accountant, **how)
     print(f"epsilon = {_format_up(eps)} (delta = {args.delta:g}, "
           f"noise multiplier = {args.noise_multiplier:g})")
-    print(_setting_line(args, steps))
+    print(_setting_line(args, steps, how))
     if args.statement:
         print()
-        print(accounting.privacy_statement(
-            noise_multiplier=args.noise_multiplier, steps=steps, delta=args.delta,
-            l2_clip_norm=args.l2_clip_norm, sampling=args.sampling,
-            dataset_size=args.dataset_size, batch_size=args.batch_size))
+        print(accounting.privacy_statement(noise_multiplier=args.noise_multiplier, delta=args.delta,
+                                           l2_clip_norm=args.l2_clip_norm, **how))
     return EXIT_OK
 
 
@@ -183,13 +246,12 @@ def _calibrate_run(args: argparse.Namespace) -> int:
 
     steps = _steps(args)
     warn_large_delta(args.delta, args.dataset_size)
+    how = _accounted(args, steps)
     sigma = accounting.calibrate_noise_multiplier(
-        target_epsilon=args.target_epsilon, delta=args.delta, steps=steps,
-        accountant=args.accountant, sampling=args.sampling,
-        dataset_size=args.dataset_size, batch_size=args.batch_size)
+        target_epsilon=args.target_epsilon, delta=args.delta, accountant=args.accountant, **how)
     print(f"noise multiplier = {_format_up(sigma, 5)} (smallest sigma with "
           f"epsilon <= {args.target_epsilon:g} at delta = {args.delta:g})")
-    print(_setting_line(args, steps))
+    print(_setting_line(args, steps, how))
     return EXIT_OK
 
 
@@ -225,6 +287,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f"per-example L2 clipping norm (default {d['l2_clip_norm']})")
     priv.add_argument("--accountant", choices=("rdp", "pld"), default="rdp",
                       help="privacy accountant (default rdp)")
+    _add_noise_arguments(priv, batch_help="default: the steps of an epoch, N / --batch-size")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=float, default=d["epochs"],
                      help=f"expected passes over the data (default {d['epochs']})")
@@ -278,6 +341,7 @@ def _check_train_values(args: argparse.Namespace) -> None:
         raise ValueError(f"--keep-fraction must be >= 0 (or inf), got {args.keep_fraction}")
     if args.seed is not None and args.seed < 0:
         raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
+    check_noise_arguments(args)
     if (args.resume or args.overwrite) and not args.checkpoint_dir:
         raise ValueError(f"--{'resume' if args.resume else 'overwrite'} needs --checkpoint-dir")
     if args.resume and args.overwrite:

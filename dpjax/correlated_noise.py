@@ -19,19 +19,18 @@ once in any ``b`` consecutive steps, as cyclic Poisson sampling guarantees), the
 columns an example touches do not overlap, so ``Δ² = k · max_j ‖C[:, j]‖²`` for
 ``k`` participations; with ``b = 1`` (``C = I``) this is DP-SGD.
 
-This module holds the strategy, the streaming noise, the sensitivity, the
-participation check and the ε of the mechanism (the sampler is
-:class:`dpjax.sampling.CyclicPoissonSampler`), and the same pieces for
-tree aggregation (DP-FTRL): the stateless tree noise of each prefix sum and its
-sensitivity with and without restarts. Not yet here: the optax transformation
-that applies them to a ``ClippedGradient`` with the in-jit ledger, and the
-``fit``/CLI options; plain ``privatize`` refuses the cyclic sampler meanwhile.
+This module holds the strategies (:class:`BandMF`, :class:`TreeAggregation`),
+the streaming noise, the sensitivities, the participation check and the
+accounting reduction (:func:`compositions`) that :func:`dpjax.privatize` uses
+with ``noise=``; the sampler is :class:`dpjax.sampling.CyclicPoissonSampler`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -245,3 +244,165 @@ def tree_sensitivity(steps: int, participations: int = 1, restart_every=None) ->
     if restart_every is None:
         return float(participations) * math.sqrt(tree_height(steps))
     return math.sqrt(participations * tree_height(restart_every))
+
+
+def tree_step_noise(key, step, like, restart_every: Optional[int] = None):
+    """Standard-normal noise of the gradient of step ``step`` (0-based, may be traced)
+    under tree aggregation: ``N_τ − N_(τ−1)`` of the tree it falls in, with
+    ``τ = step + 1`` (one tree) or ``τ = step mod restart_every + 1`` and tree
+    ``step // restart_every`` (a fresh tree every ``restart_every`` steps).
+
+    Of the nodes of ``τ`` and ``τ − 1`` only those below the lowest set bit ``l`` of
+    ``τ`` differ: ``N_τ − N_(τ−1) = z(l, τ>>l − 1) − Σ_(j<l) z(j, (τ−1)>>j − 1)``, so a
+    step draws ``l + 1`` node noises (2 on average; ``lax.cond`` skips the rest). The
+    same node keys as :func:`tree_prefix_noise` (for the tree's key), so the
+    prefix sums of these noises are the tree's prefix noises.
+    """
+    step = jnp.asarray(step, jnp.int32)
+    if restart_every is None:
+        tree, tau, levels = jnp.zeros((), jnp.int32), step + 1, 31
+    else:
+        tree, tau, levels = step // restart_every, step % restart_every + 1, tree_height(restart_every)
+    tree_key = key if restart_every is None else jax.random.fold_in(key, tree)
+    lowest = jnp.sum(jnp.cumprod(1 - (tau >> jnp.arange(levels)) % 2))  # trailing zeros of tau
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    total = [jnp.zeros(jnp.shape(x), jnp.float32) for x in leaves]
+
+    def node_noise(level, index):
+        node = jax.random.fold_in(jax.random.fold_in(tree_key, level), index)
+        return [jax.random.normal(k, jnp.shape(x), jnp.float32)
+                for k, x in zip(jax.random.split(node, len(leaves)), leaves)]
+
+    zeros = lambda: [jnp.zeros(jnp.shape(x), jnp.float32) for x in leaves]  # noqa: E731
+    for level in range(levels):
+        sign = jnp.where(level == lowest, 1.0, -1.0)
+        index = jnp.where(level == lowest, (tau >> level) - 1, ((tau - 1) >> level) - 1)
+        z = jax.lax.cond(level <= lowest, lambda lv=level, ix=index: node_noise(lv, ix), zeros)
+        total = [t + sign * zz for t, zz in zip(total, z)]
+    return jax.tree_util.tree_unflatten(treedef, total)
+
+
+# --------------------------------------------------------------------------
+# The strategies privatize(noise=...) takes, and their accounting
+# --------------------------------------------------------------------------
+
+INDEPENDENT, BANDED, TREE, TREE_RESTARTS = 0, 1, 2, 3
+MECHANISM_NAMES = {INDEPENDENT: "independent Gaussian noise (DP-SGD)", BANDED: "banded matrix factorisation (BandMF)",
+                   TREE: "tree aggregation (DP-FTRL), one tree", TREE_RESTARTS: "tree aggregation (DP-FTRL), "
+                   "a new tree every pass over the partitions"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BandMF:
+    """Banded matrix factorisation noise with ``bands`` bands for :func:`dpjax.privatize`.
+
+    ``coefficients``: the first column of the banded Toeplitz ``C`` (default: the
+    square root of the prefix-sum matrix, :func:`sqrt_prefix_sum_coefficients`).
+    They are normalised to unit L2 norm, so one participation has sensitivity C
+    (the clip norm) and σ means what it means for DP-SGD. Needs a
+    :class:`dpjax.sampling.CyclicPoissonSampler` with at least ``bands`` parts.
+
+    >>> BandMF(bands=2).unit_coefficients().round(4).tolist()
+    [0.8944, 0.4472]
+    """
+
+    bands: int
+    coefficients: Optional[Tuple[float, ...]] = None
+
+    def __post_init__(self):
+        _check_bands(self.bands)
+        if self.coefficients is not None and len(_check_coefficients(self.coefficients)) != self.bands:
+            raise ValueError(f"coefficients must have bands={self.bands} entries, got {len(self.coefficients)}")
+
+    @property
+    def code(self) -> int:
+        return BANDED
+
+    def unit_coefficients(self) -> np.ndarray:
+        c = (sqrt_prefix_sum_coefficients(self.bands) if self.coefficients is None
+             else _check_coefficients(self.coefficients))
+        return c / np.linalg.norm(c)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeAggregation:
+    """Tree-aggregation noise (DP-FTRL, Kairouz et al. 2021) for :func:`dpjax.privatize`.
+
+    Each node of a binary tree over the steps gets N(0, σ²C²) noise; step ``t``'s
+    gradient gets ``N_t − N_(t−1)``, so the optimizer's prefix sums of noisy
+    gradients carry the noise of ``⌊log₂ t⌋ + 1`` nodes, not of ``t`` steps (with
+    SGD the parameters are exactly FTRL's). ``restarts=True`` (default) starts a
+    fresh tree every pass over the sampler's partitions, so each example is in
+    one leaf per tree. Accounted without amplification by sampling: the release
+    is a Gaussian mechanism with L2 sensitivity ``C·sqrt(passes · height)``
+    (restarts) or ``C · participations · sqrt(height)`` (one tree).
+    """
+
+    restarts: bool = True
+
+    @property
+    def code(self) -> int:
+        return TREE_RESTARTS if self.restarts else TREE
+
+
+def check_mechanism(noise, sampler) -> None:
+    """Refuse a strategy and sampler whose participation the accounting does not cover."""
+    if noise is None:
+        return
+    if not isinstance(noise, (BandMF, TreeAggregation)):
+        raise TypeError(f"noise must be None, dpjax.BandMF(bands=...) or dpjax.TreeAggregation(), got {noise!r}")
+    if sampler is None:
+        raise ValueError(f"privatize(noise={noise!r}) needs sampler=: a dpjax.sampling.CyclicPoissonSampler, whose "
+                         "partitions the accounting of correlated noise depends on")
+    if isinstance(noise, BandMF):
+        check_participation(sampler, noise.bands)
+        return
+    from dpjax.sampling import CyclicPoissonSampler
+
+    if not isinstance(sampler, CyclicPoissonSampler):  # the tree's sensitivity counts passes over parts
+        raise ValueError("tree aggregation needs each example in at most one step per pass: use "
+                         f"dpjax.sampling.CyclicPoissonSampler(N, partitions=P, ...), not {type(sampler).__name__}")
+
+
+def compositions(code: int, steps: int, partitions: int, bands: int) -> Tuple[int, bool]:
+    """The privacy of ``steps`` noisy steps as DP-SGD steps: ``(count, sampled)``.
+
+    ``sampled`` False means Gaussian mechanisms of multiplier σ *without*
+    amplification (q = 1). Independent noise and BandMF under cyclic Poisson
+    sampling with ``partitions >= bands``: an example is in at most
+    ``ceil(T / partitions)`` steps, whose columns of the unit-norm banded C have
+    disjoint supports, each a Poisson-subsampled Gaussian mechanism (amplified
+    BandMF, Choquette-Choo et al. 2023). Trees: a Gaussian mechanism of
+    sensitivity Δ (in units of C) is ``Δ²`` compositions of multiplier σ.
+
+    >>> compositions(BANDED, steps=10, partitions=4, bands=4)
+    (3, True)
+    >>> compositions(TREE_RESTARTS, steps=10, partitions=4, bands=1)   # 3 trees of height 3
+    (9, False)
+    """
+    steps, partitions = int(steps), int(partitions)
+    if steps == 0:
+        return 0, code in (INDEPENDENT, BANDED)
+    passes = -(-steps // partitions)
+    if code in (INDEPENDENT, BANDED):
+        return passes, True
+    if code == TREE_RESTARTS:
+        return passes * tree_height(partitions), False
+    if code == TREE:
+        return passes * passes * tree_height(steps), False
+    raise ValueError(f"unknown noise mechanism code {code}")
+
+
+def max_noisy_steps(code: int, partitions: int, bands: int, max_compositions: int) -> int:
+    """The most steps whose :func:`compositions` count is at most ``max_compositions``."""
+    if code in (INDEPENDENT, BANDED):
+        return max_compositions * partitions
+    if code == TREE_RESTARTS:
+        return (max_compositions // tree_height(partitions)) * partitions
+    lo, hi = 0, 1
+    while compositions(code, hi, partitions, bands)[0] <= max_compositions:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # compositions grows with the steps
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if compositions(code, mid, partitions, bands)[0] <= max_compositions else (lo, mid)
+    return lo

@@ -19,7 +19,8 @@ import numpy as np
 
 from dpjax import accounting, provenance
 
-SAMPLING_CODES = {accounting.POISSON: 0, accounting.FIXED_SIZE: 1}
+CYCLIC_POISSON = "cyclic_poisson"
+SAMPLING_CODES = {accounting.POISSON: 0, accounting.FIXED_SIZE: 1, CYCLIC_POISSON: 2}
 _SAMPLING_NAMES = {v: k for k, v in SAMPLING_CODES.items()}
 
 
@@ -42,6 +43,14 @@ class PrivacyLedger(NamedTuple):
       refused_batches: int32, clipped gradients refused for their provenance.
       refusal: int32 reasons of the last such refusal
         (:func:`dpjax.provenance.describe_refusal`), 0 if none.
+      mechanism: int32 code of the noise (:mod:`dpjax.correlated_noise`: 0
+        independent, 1 BandMF, 2 one tree, 3 a tree per pass).
+      bands: int32 bands of BandMF (1 otherwise).
+      partitions: int32 parts of a cyclic Poisson sampler (1 otherwise): an
+        example is in at most one step of every ``partitions`` consecutive ones.
+      partition_id: int32 fingerprint of the cyclic sampler's secret
+        partitioning (0 otherwise), so that batches of another partitioning are
+        refused: they could put an example in two steps of one band.
     """
 
     steps: jax.Array
@@ -54,6 +63,10 @@ class PrivacyLedger(NamedTuple):
     verified: jax.Array
     refused_batches: jax.Array
     refusal: jax.Array
+    mechanism: jax.Array
+    bands: jax.Array
+    partitions: jax.Array
+    partition_id: jax.Array
 
 
 def round_to_float32(value: float, direction: float) -> np.float32:
@@ -67,7 +80,8 @@ def round_to_float32(value: float, direction: float) -> np.float32:
 
 
 def new_ledger(*, noise_multiplier, sampling_rate, dataset_size, sampling, max_steps,
-               verified: bool = True) -> PrivacyLedger:
+               verified: bool = True, mechanism: int = 0, bands: int = 1, partitions: int = 1,
+               partition_id: int = 0) -> PrivacyLedger:
     """A ledger with zero steps (host-side, plain numpy arrays)."""
     return PrivacyLedger(
         steps=np.zeros((), np.int32),
@@ -80,6 +94,10 @@ def new_ledger(*, noise_multiplier, sampling_rate, dataset_size, sampling, max_s
         verified=np.asarray(1 if verified else 0, np.int32),
         refused_batches=np.zeros((), np.int32),
         refusal=np.zeros((), np.int32),
+        mechanism=np.asarray(mechanism, np.int32),
+        bands=np.asarray(bands, np.int32),
+        partitions=np.asarray(partitions, np.int32),
+        partition_id=np.asarray(partition_id, np.int32),
     )
 
 
@@ -125,13 +143,21 @@ def find_ledger(opt_state: Any) -> PrivacyLedger:
 
 
 def _accounting_kwargs(ledger: PrivacyLedger) -> dict:
+    """The DP-SGD accounting that describes the ledger's steps (correlated noise and
+    cyclic sampling reduce to it: :func:`dpjax.correlated_noise.compositions`)."""
+    from dpjax import correlated_noise
+
     sampling = _SAMPLING_NAMES[int(ledger.sampling)]
     q = float(ledger.sampling_rate)
     n = int(ledger.dataset_size)
+    steps, sampled = correlated_noise.compositions(int(ledger.mechanism), int(ledger.steps),
+                                                   int(ledger.partitions), int(ledger.bands))
+    if sampling == CYCLIC_POISSON:
+        sampling = accounting.POISSON
     kwargs = dict(
         noise_multiplier=float(ledger.noise_multiplier),
-        steps=int(ledger.steps),
-        sampling_rate=q,
+        steps=steps,
+        sampling_rate=q if sampled else 1.0,
         sampling=sampling,
     )
     if sampling == accounting.FIXED_SIZE:
@@ -163,6 +189,7 @@ def privacy_statement(opt_state: Any, delta: float, *, l2_clip_norm: float | Non
     """A human-readable report of what ``opt_state``'s ledger has spent."""
     ledger = find_ledger(opt_state)
     text = accounting.privacy_statement(delta=delta, l2_clip_norm=l2_clip_norm, **_accounting_kwargs(ledger))
+    text += _mechanism_line(ledger)
     if int(ledger.verified):
         text += ("\nBatch provenance: verified. Every noisy step used a fresh draw of this sampler, "
                  "padding masked, noised once (checked by dpjax.privatize).")
@@ -173,6 +200,22 @@ def privacy_statement(opt_state: Any, delta: float, *, l2_clip_norm: float | Non
     if int(ledger.refused_batches):
         text += f"\n{int(ledger.refused_batches)} clipped gradient(s) were refused for their provenance (not spent)."
     return text
+
+
+def _mechanism_line(ledger: PrivacyLedger) -> str:
+    """What the accounted steps above stand for, when they are not plain DP-SGD steps."""
+    from dpjax import correlated_noise as cn
+
+    code, parts = int(ledger.mechanism), int(ledger.partitions)
+    if code == cn.INDEPENDENT and int(ledger.sampling) != SAMPLING_CODES[CYCLIC_POISSON]:
+        return ""
+    count, sampled = cn.compositions(code, int(ledger.steps), parts, int(ledger.bands))
+    name = cn.MECHANISM_NAMES[code] + (f", {int(ledger.bands)} bands" if code == cn.BANDED else "")
+    how = ("each a Poisson-subsampled Gaussian mechanism: an example is in at most one step of "
+           f"every {parts} (cyclic Poisson sampling over {parts} parts)" if sampled else
+           "Gaussian mechanisms without amplification by sampling (the tree's sensitivity, squared)")
+    return (f"\nNoise: {name}. The {int(ledger.steps)} noisy steps are accounted as {count} "
+            f"compositions above, {how}.")
 
 
 def check_budget(opt_state: Any) -> None:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpjax import accounting, ledger as ledger_lib, provenance as provenance_lib, validation
+from dpjax import accounting, correlated_noise as cn, ledger as ledger_lib, provenance as provenance_lib, validation
 from dpjax.clipping import ClippedGradient
 
 PyTree = Any
@@ -46,6 +46,8 @@ class PrivatizeState(NamedTuple):
       accumulated: running clipped sum for gradient accumulation (``()``
         when ``accumulation_steps == 1``).
       micro_step: calls since the last noisy step (accumulation only).
+      noise_state: the last ``b − 1`` normalised noise pytrees of BandMF,
+        stacked (``()`` for the other noises, which are stateless).
       inner_state: the wrapped optimizer's state.
     """
 
@@ -53,6 +55,7 @@ class PrivatizeState(NamedTuple):
     key: jax.Array
     accumulated: PyTree
     micro_step: jax.Array
+    noise_state: PyTree
     inner_state: Any
 
 
@@ -92,6 +95,17 @@ class _NoiseSettings:
     key_data: np.ndarray
     target_epsilon: Optional[float]
     target_delta: Optional[float]
+    noise: Any = None  # None (independent), cn.BandMF or cn.TreeAggregation
+    partitions: int = 1
+    partition_id: int = 0
+
+    @property
+    def mechanism(self) -> int:
+        return cn.INDEPENDENT if self.noise is None else self.noise.code
+
+    @property
+    def bands(self) -> int:
+        return self.noise.bands if isinstance(self.noise, cn.BandMF) else 1
 
 
 def _sampling_of(sampler, expected_batch_size, num_examples, sampling_rate, sampling):
@@ -110,7 +124,7 @@ def _sampling_of(sampler, expected_batch_size, num_examples, sampling_rate, samp
     if expected_batch_size is None:
         raise ValueError("expected_batch_size is required (or pass sampler=...)")
     sampling = accounting.POISSON if sampling is None else sampling
-    validation.check_choice("sampling", sampling, set(ledger_lib.SAMPLING_CODES))
+    validation.check_choice("sampling", sampling, {accounting.POISSON, accounting.FIXED_SIZE})
     batch = validation.check_positive("expected_batch_size", expected_batch_size)
     if (num_examples is None) == (sampling_rate is None):
         raise ValueError(
@@ -133,24 +147,31 @@ def _sampling_of(sampler, expected_batch_size, num_examples, sampling_rate, samp
     return batch, q, n, sampling
 
 
-def _budget_steps(sigma, q, n, batch, sampling, target_epsilon, target_delta, accountant) -> Optional[int]:
-    """Noisy steps the budget allows (None: no budget), with the ledger's rounded σ and q."""
+def _budget_steps(sigma, q, n, batch, sampling, target_epsilon, target_delta, accountant,
+                  mechanism=(cn.INDEPENDENT, 1, 1)) -> Optional[int]:
+    """Noisy steps the budget allows (None: no budget), with the ledger's rounded σ and q.
+
+    ``mechanism``: (code, partitions, bands) of the noise, whose steps count as
+    :func:`dpjax.correlated_noise.compositions` DP-SGD steps."""
     if (target_epsilon is None) != (target_delta is None):
         raise ValueError("pass both target_epsilon and target_delta for a budget, or neither")
     if target_epsilon is None:
         return None
+    code, partitions, bands = mechanism
+    sampled = cn.compositions(code, 1, partitions, bands)[1]
     if sampling == accounting.FIXED_SIZE:
         acct_kwargs = dict(dataset_size=n, batch_size=int(round(batch)))
     else:
-        acct_kwargs = dict(sampling_rate=float(ledger_lib.round_to_float32(q, +1.0)))
-    max_steps = accounting.max_steps(
+        acct_kwargs = dict(sampling_rate=float(ledger_lib.round_to_float32(q, +1.0)) if sampled else 1.0)
+    max_compositions = accounting.max_steps(
         target_epsilon=target_epsilon,
         delta=target_delta,
         noise_multiplier=float(ledger_lib.round_to_float32(sigma, -1.0)),
-        sampling=sampling,
+        sampling=accounting.FIXED_SIZE if sampling == accounting.FIXED_SIZE else accounting.POISSON,
         accountant=accountant,
         **acct_kwargs,
     )
+    max_steps = cn.max_noisy_steps(code, partitions, bands, max_compositions)
     if max_steps == 0:
         warnings.warn(
             f"target_epsilon={target_epsilon} allows no step at noise_multiplier={sigma}; "
@@ -166,13 +187,17 @@ def _init_state(s: _NoiseSettings, inner, params) -> PrivatizeState:
     )
     ledger = ledger_lib.new_ledger(
         noise_multiplier=s.sigma, sampling_rate=s.sampling_rate, dataset_size=s.num_examples,
-        sampling=s.sampling, max_steps=s.max_steps, verified=s.verified,
+        sampling=s.sampling, max_steps=s.max_steps, verified=s.verified, mechanism=s.mechanism,
+        bands=s.bands, partitions=s.partitions, partition_id=s.partition_id,
     )
+    noise_state = (cn.init_buffer(s.noise.unit_coefficients(), params) if isinstance(s.noise, cn.BandMF)
+                   and s.noise.bands > 1 else ())
     return PrivatizeState(
         ledger=jax.tree_util.tree_map(jnp.asarray, ledger),
         key=jnp.asarray(s.key_data),
         accumulated=accumulated,
         micro_step=jnp.zeros((), jnp.int32),
+        noise_state=noise_state,
         inner_state=inner.init(params),
     )
 
@@ -229,23 +254,35 @@ def _raise_now(code, budget_ok, stamp, state, s: _NoiseSettings) -> None:
 
 
 def _warn_refused(code, stamp_step, ledger_step):
+    if int(code) == 0:  # under vmap the branch is a select: the callback runs for accepted steps too
+        return
     warnings.warn(provenance_lib.describe_refusal(
         int(code), f"batch drawn for step {int(stamp_step)}, ledger at step {int(ledger_step)}")
         + " dpjax.check_budget(opt_state) raises this.", provenance_lib.BatchProvenanceWarning, stacklevel=1)
 
 
-def _add_noise(s: _NoiseSettings, total, state):
-    """``(total + N(0, σ²C²)) / E[B]``, one fresh key per noisy step and leaf."""
+def _standard_noise(s: _NoiseSettings, like, state):
+    """This step's standard-normal-scale noise (a pytree like ``like``) and the next noise state."""
     led = state.ledger
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), led.steps)
-    leaves, treedef = jax.tree_util.tree_flatten(total)
-    keys = jax.random.split(step_key, len(leaves))
-    std = led.noise_multiplier * s.clip
-    noisy = [
-        (x + std * jax.random.normal(kk, jnp.shape(x), jnp.float32)).astype(x.dtype) / s.normaliser
-        for kk, x in zip(keys, leaves)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, noisy)
+    key = jax.random.wrap_key_data(state.key)
+    if isinstance(s.noise, cn.TreeAggregation):
+        restart = s.partitions if s.noise.restarts else None
+        return cn.tree_step_noise(key, led.steps, like, restart), state.noise_state
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    keys = jax.random.split(jax.random.fold_in(key, led.steps), len(leaves))
+    z = jax.tree_util.tree_unflatten(
+        treedef, [jax.random.normal(kk, jnp.shape(x), jnp.float32) for kk, x in zip(keys, leaves)])
+    if isinstance(s.noise, cn.BandMF) and s.noise.bands > 1:
+        return cn.next_noise(s.noise.unit_coefficients(), state.noise_state, z)  # C⁻¹z, streamed
+    return z, state.noise_state
+
+
+def _add_noise(s: _NoiseSettings, total, state):
+    """``((total + σC·noise) / E[B], next noise state)``, one fresh key per noisy step and leaf."""
+    noise, noise_state = _standard_noise(s, total, state)
+    std = state.ledger.noise_multiplier * s.clip
+    noisy = jax.tree_util.tree_map(lambda x, w: (x + std * w).astype(x.dtype) / s.normaliser, total, noise)
+    return noisy, noise_state
 
 
 def _update(s: _NoiseSettings, inner, g, state: PrivatizeState, params):
@@ -259,8 +296,10 @@ def _update(s: _NoiseSettings, inner, g, state: PrivatizeState, params):
 
     def noisy(_):
         whole = total if k == 1 else jax.tree_util.tree_map(jnp.add, state.accumulated, total)
-        updates, inner_state = inner.update(_add_noise(s, whole, state), state.inner_state, params)
-        new = state._replace(ledger=led._replace(steps=led.steps + 1), inner_state=inner_state)
+        noisy_grad, noise_state = _add_noise(s, whole, state)
+        updates, inner_state = inner.update(noisy_grad, state.inner_state, params)
+        new = state._replace(ledger=led._replace(steps=led.steps + 1), inner_state=inner_state,
+                             noise_state=noise_state)
         if k > 1:
             new = new._replace(accumulated=jax.tree_util.tree_map(jnp.zeros_like, state.accumulated),
                                micro_step=jnp.zeros_like(state.micro_step))
@@ -308,6 +347,7 @@ def privatize(
     target_delta: Optional[float] = None,
     accountant: str = "rdp",
     trust_unverified_batches: bool = False,
+    noise=None,
 ) -> optax.GradientTransformation:
     """Make an optax optimizer differentially private (DP-SGD's noise step).
 
@@ -344,6 +384,12 @@ def privatize(
         gradients of any batch, for users who sample by themselves and have
         their own analysis; it warns, and the privacy statement records that
         provenance was not verified.
+      noise: ``None`` (default): independent noise every step (DP-SGD).
+        ``dpjax.BandMF(bands=b)`` or ``dpjax.TreeAggregation()``: noise
+        correlated across steps (:mod:`dpjax.correlated_noise`), with a
+        :class:`dpjax.sampling.CyclicPoissonSampler` as ``sampler``; the ledger
+        records the mechanism and accounts it (BandMF: amplified, as DP-SGD
+        steps of one pass each; trees: without amplification).
 
     Returns:
       An ``optax.GradientTransformation`` whose ``update`` takes a
@@ -374,12 +420,18 @@ def privatize(
     k = validation.check_positive_int("accumulation_steps", accumulation_steps)
     if not isinstance(trust_unverified_batches, bool):
         raise TypeError(f"trust_unverified_batches must be True or False, got {trust_unverified_batches!r}")
+    cn.check_mechanism(noise, sampler)
+    partitions = getattr(sampler, "partitions", 1)
+    mechanism = (cn.INDEPENDENT if noise is None else noise.code, partitions,
+                 noise.bands if isinstance(noise, cn.BandMF) else 1)
     settings = _NoiseSettings(
         sigma=sigma, clip=clip, normaliser=batch, sampling_rate=q, num_examples=n, sampling=sampling,
         accumulation_steps=k,
-        max_steps=_budget_steps(sigma, q, n, batch, sampling, target_epsilon, target_delta, accountant),
+        max_steps=_budget_steps(sigma, q, n, batch, sampling, target_epsilon, target_delta, accountant,
+                                mechanism),
         verified=not trust_unverified_batches, key_data=_key_data(seed),
         target_epsilon=target_epsilon, target_delta=target_delta,
+        noise=noise, partitions=partitions, partition_id=getattr(sampler, "partition_id", 0),
     )
     if trust_unverified_batches:
         warnings.warn(

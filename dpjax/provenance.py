@@ -42,8 +42,8 @@ MICRO_OUT_OF_ORDER = 8
 
 _REASONS = {
     WRONG_SAMPLER: (
-        "the batch was drawn by a sampler with another sampling scheme, data-set size N or rate q "
-        "than the one privatize accounts for",
+        "the batch was drawn by a sampler with another sampling scheme, data-set size N, rate q "
+        "or partitioning than the one privatize accounts for",
         "build privatize with sampler=<the sampler that draws the batches>",
     ),
     OUT_OF_ORDER: (
@@ -84,6 +84,8 @@ class Provenance:
       sampling: the ledger's code of the sampling scheme.
       num_examples: ``N``.
       sampling_rate: ``q`` as a float32 rounded up, as the ledger stores it.
+      partitions, partition_id: a cyclic sampler's parts and the fingerprint of
+        its partitioning (1 and 0 for the other samplers).
     """
 
     step: jax.Array
@@ -92,6 +94,8 @@ class Provenance:
     sampling: jax.Array
     num_examples: jax.Array
     sampling_rate: jax.Array
+    partitions: jax.Array
+    partition_id: jax.Array
 
 
 def refusal_code(stamp: Provenance, ledger, micro_step, accumulation_steps: int) -> jax.Array:
@@ -107,6 +111,8 @@ def refusal_code(stamp: Provenance, ledger, micro_step, accumulation_steps: int)
         (stamp.sampling == ledger.sampling)
         & ((ledger.dataset_size == 0) | (stamp.num_examples == ledger.dataset_size))
         & (stamp.sampling_rate <= ledger.sampling_rate)
+        & (stamp.partitions == ledger.partitions)
+        & (stamp.partition_id == ledger.partition_id)
     )
     code = jnp.where(same_sampler, 0, WRONG_SAMPLER)
     code = code | jnp.where(stamp.step == ledger.steps, 0, OUT_OF_ORDER)

@@ -64,6 +64,7 @@ Example::
 from __future__ import annotations
 
 import abc
+import hashlib
 import math
 import numbers
 import secrets
@@ -192,12 +193,16 @@ class BatchOrigin:
       sampling_rate: ``q``.
       num_rows: rows of the data that ``Batch.indices`` point into: ``N``, or
         one process's range for :class:`dpjax.parallel.ShardedPoissonSampler`.
+      partitions, partition_id: a cyclic sampler's number of parts and the
+        fingerprint of its partitioning (1 and 0 for the others).
     """
 
     sampling: str
     num_examples: int
     sampling_rate: float
     num_rows: int
+    partitions: int = 1
+    partition_id: int = 0
 
 
 @struct.dataclass
@@ -334,6 +339,8 @@ class Batch:
             sampling=np.int32(ledger_lib.SAMPLING_CODES[origin.sampling]),
             num_examples=np.int32(origin.num_examples),
             sampling_rate=ledger_lib.round_to_float32(origin.sampling_rate, +1.0),
+            partitions=np.int32(origin.partitions),
+            partition_id=np.int32(origin.partition_id),
         )
 
     def _origin(self, what: str) -> BatchOrigin:
@@ -520,7 +527,18 @@ class _Sampler(abc.ABC):
     @property
     def origin(self) -> BatchOrigin:
         """What every :class:`Batch` of this sampler is stamped with."""
-        return BatchOrigin(self.sampling, self._num_examples, self._sampling_rate, self._num_rows)
+        return BatchOrigin(self.sampling, self._num_examples, self._sampling_rate, self._num_rows,
+                           self.partitions, self.partition_id)
+
+    @property
+    def partitions(self) -> int:
+        """Parts the data set is cycled through (1: every step may use any example)."""
+        return 1
+
+    @property
+    def partition_id(self) -> int:
+        """A fingerprint of a cyclic sampler's partitioning (0 for the others)."""
+        return 0
 
     def batch_at(self, step: int) -> Batch:
         """The batch of ``step``: a pure function of ``(seed, step)``.
@@ -762,6 +780,13 @@ def _refuse_batch_as_pytree(batch: Batch):
 jax.tree_util.register_pytree_node(Batch, _refuse_batch_as_pytree, lambda aux, children: None)
 
 
+def _fingerprint(order: np.ndarray) -> int:
+    """31 bits of a hash of a partitioning: tells two partitionings apart without
+    revealing one (it is kept with the ledger, which also holds the noise key)."""
+    digest = hashlib.blake2b(np.ascontiguousarray(order, np.int64).tobytes(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
 class CyclicPoissonSampler(_Sampler):
     """Cyclic Poisson sampling, the participation banded matrix factorisation assumes.
 
@@ -799,6 +824,7 @@ class CyclicPoissonSampler(_Sampler):
         self._sampling_rate = validation.check_rate("sampling_rate", sampling_rate)
         self._expected_batch_size = self._sampling_rate * n / self._partitions
         self._order = self._partitioning()
+        self._partition_id = _fingerprint(self._order)
         self._bucket_sizes = default_bucket_sizes(-(-n // self._partitions), self._sampling_rate)
 
     def _partitioning(self) -> np.ndarray:
@@ -833,6 +859,11 @@ class CyclicPoissonSampler(_Sampler):
                              f"partitions={self._partitions}")
         super().load_state_dict(state)
         self._order = self._partitioning()
+        self._partition_id = _fingerprint(self._order)
+
+    @property
+    def partition_id(self) -> int:
+        return self._partition_id
 
     def max_participations(self, steps: int) -> int:
         """The most steps of ``steps`` that any one example can be in."""

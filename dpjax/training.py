@@ -27,11 +27,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dpjax import accounting, checkpointing, ledger, validation
+from dpjax import accounting, checkpointing, correlated_noise, ledger, validation
 from dpjax.clipping import clipped_grad
 from dpjax.noise import PrivatizeState, privatize
 from dpjax.defaults import DEFAULTS
-from dpjax.sampling import PoissonSampler
+from dpjax.sampling import CyclicPoissonSampler, PoissonSampler
 
 
 # The defaults live in dpjax.defaults (no JAX import) so that `dpjax train --help` is fast.
@@ -186,6 +186,13 @@ class FitSettings:
         once (see :mod:`dpjax.parallel`). Parameters, optimizer state and
         ledger are replicated; checkpoints are written once and restored on
         every process. ``None`` (default): the single-device loop.
+      noise / partitions: ``dpjax.BandMF(bands=b)`` or ``dpjax.TreeAggregation()``
+        for noise correlated across steps (:mod:`dpjax.correlated_noise`).
+        The data are then cycled through ``partitions`` secret parts (default:
+        the steps of an epoch, at least ``b``), one Poisson-sampled part per
+        step (:class:`dpjax.sampling.CyclicPoissonSampler`) with
+        ``E[B] = min(batch_size, N / partitions)``; σ is calibrated for that
+        mechanism. ``None`` (default): independent noise (DP-SGD).
     """
 
     epochs: float = DEFAULTS["epochs"]
@@ -210,6 +217,8 @@ class FitSettings:
     max_steps: Optional[int] = None
     on_checkpoint: Optional[Callable[[int], None]] = None
     mesh: Optional[jax.sharding.Mesh] = None
+    noise: Any = None
+    partitions: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +231,7 @@ class _Plan:
     steps_per_epoch: int
     sigma: float
     config: Dict[str, Any]  # what a checkpoint must agree with to be resumed
+    partitions: int = 1  # > 1 or with noise=: the cyclic sampler's parts
 
 
 @dataclasses.dataclass
@@ -256,6 +266,35 @@ def _training_arrays(data) -> tuple:
     return x_train, y_train, test
 
 
+def _cycle(s: FitSettings, n: int, batch_size: int) -> tuple:
+    """(partitions, expected batch size) of the cyclic sampler correlated noise needs."""
+    if s.noise is not None and not isinstance(s.noise, (correlated_noise.BandMF, correlated_noise.TreeAggregation)):
+        raise TypeError(f"noise must be None, dpjax.BandMF(bands=...) or dpjax.TreeAggregation(), got {s.noise!r}")
+    if s.mesh is not None:
+        raise ValueError("noise= (correlated noise) is not supported with mesh= yet: the sharded sampler "
+                         "is not cyclic")
+    bands = s.noise.bands if isinstance(s.noise, correlated_noise.BandMF) else 1
+    parts = max(bands, n // batch_size) if s.partitions is None else validation.check_positive_int(
+        "partitions", s.partitions)
+    if parts < bands or parts > n:
+        raise ValueError(f"partitions must be in [bands={bands}, N={n}], got {parts}")
+    return parts, min(batch_size, n // parts)
+
+
+def _calibrated_sigma(s: FitSettings, q: float, total_steps: int, partitions: int) -> float:
+    """σ for ``target_epsilon`` over the planned steps, with the float32 values the ledger
+    records (q rounded up, σ rounded up to a float32 here so the ledger keeps it
+    exactly): the ledger's ε is then within the target and the budget guard does not
+    stop the run a step early."""
+    code = correlated_noise.INDEPENDENT if s.noise is None else s.noise.code
+    bands = s.noise.bands if isinstance(s.noise, correlated_noise.BandMF) else 1
+    count, sampled = correlated_noise.compositions(code, total_steps, partitions, bands)
+    sigma = accounting.calibrate_noise_multiplier(
+        target_epsilon=s.target_epsilon, delta=s.delta, steps=count, accountant=s.accountant,
+        sampling_rate=float(ledger.round_to_float32(q, +1.0)) if sampled else 1.0)
+    return float(ledger.round_to_float32(sigma, +1.0))
+
+
 def _plan(s: FitSettings, n: int) -> _Plan:
     """Validate the settings against ``n`` examples; calibrate σ if asked."""
     validation.check_positive("epochs", s.epochs)
@@ -272,19 +311,14 @@ def _plan(s: FitSettings, n: int) -> _Plan:
         raise ValueError("resume=True needs checkpoint_dir")
     if s.resume and s.overwrite:
         raise ValueError("pass resume=True (continue the checkpoints) or overwrite=True (discard them), not both")
+    partitions, q = 1, batch_size / n
+    if s.noise is not None or s.partitions is not None:
+        partitions, batch_size = _cycle(s, n, batch_size)
+        q = batch_size * partitions / n
     total_steps = math.ceil(s.epochs * n / batch_size)
     sigma = s.noise_multiplier
     if sigma is None:
-        # Calibrate with the float32 values the ledger will record (q rounded up, σ
-        # rounded up to a float32 here so the ledger keeps it exactly): the ledger's
-        # ε for the planned steps is then within the target, and the budget guard
-        # does not stop the run a step early.
-        q_ledger = float(ledger.round_to_float32(batch_size / n, +1.0))
-        sigma = accounting.calibrate_noise_multiplier(
-            target_epsilon=s.target_epsilon, delta=s.delta, sampling_rate=q_ledger, steps=total_steps,
-            accountant=s.accountant,
-        )
-        sigma = float(ledger.round_to_float32(sigma, +1.0))
+        sigma = _calibrated_sigma(s, q, total_steps, partitions)
     sigma = validation.check_positive("noise_multiplier", sigma)
     config = {
         "num_examples": n,
@@ -296,12 +330,17 @@ def _plan(s: FitSettings, n: int) -> _Plan:
         "total_steps": total_steps,
         "accountant": s.accountant,
     }
-    return _Plan(n, batch_size, total_steps, max(1, math.ceil(n / batch_size)), sigma, config)
+    if partitions > 1 or s.noise is not None:
+        config.update(noise=repr(s.noise), partitions=partitions)
+    return _Plan(n, batch_size, total_steps, max(1, math.ceil(n / batch_size)), sigma, config, partitions)
 
 
 def _start(s: FitSettings, plan: _Plan, params, seeds):
     """The sampler, the private optimizer and its state for a fresh run."""
-    if s.mesh is None:
+    if s.noise is not None or plan.partitions > 1:
+        sampler = CyclicPoissonSampler(plan.num_examples, partitions=plan.partitions,
+                                       expected_batch_size=plan.batch_size, seed=seeds["sampler"])
+    elif s.mesh is None:
         sampler = PoissonSampler(plan.num_examples, expected_batch_size=plan.batch_size, seed=seeds["sampler"])
     else:
         from dpjax import parallel
@@ -317,6 +356,7 @@ def _start(s: FitSettings, plan: _Plan, params, seeds):
         target_epsilon=s.target_epsilon,
         target_delta=s.delta if s.target_epsilon is not None else None,
         accountant=s.accountant,
+        noise=s.noise,
     )
     opt_state = tx.init(params)
     if s.mesh is not None:
@@ -353,7 +393,7 @@ def _restore(manager, run: _Run, plan: _Plan) -> None:
         raise checkpointing.CheckpointError(
             f"nothing to resume in {manager.directory}: no checkpoint there. Drop --resume (resume=True) "
             "to start a new run.")
-    restored = manager.restore({"params": run.params, "opt_state": run.opt_state})
+    restored = manager.restore({"params": run.params, "opt_state": run.opt_state}, config=plan.config)
     checkpointing.check_same_config(restored.meta["config"], plan.config)
     run.params, run.opt_state = restored.state["params"], restored.state["opt_state"]
     run.sampler.load_state_dict(restored.meta["sampler"])
@@ -605,6 +645,8 @@ def run_cli(args, data, num_classes: int) -> int:
 
 
 def _fit_for_cli(model, data, args) -> TrainResult:
+    from dpjax import cli
+
     return fit(
         model,
         data,
@@ -625,6 +667,8 @@ def _fit_for_cli(model, data, args) -> TrainResult:
         microbatch_size=args.microbatch_size,
         clipping_method=args.clipping_method,
         keep_fraction=args.keep_fraction,
+        noise=cli.noise_object(args),
+        partitions=args.partitions,
     )
 
 

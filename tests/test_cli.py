@@ -102,6 +102,40 @@ def test_bad_input_exits_2_with_a_message(capsys, args, needle):
     assert captured.out == ""
 
 
+def _bad_noise_cases():
+    return [
+        (["epsilon", "--noise-multiplier", "1.1", *MNIST, "--noise", "bandmf"], "--bands"),
+        (["epsilon", "--noise-multiplier", "1.1", *MNIST, "--noise", "bandmf", "--bands", "8", "--partitions", "4"],
+         "--partitions (4) must be >= --bands (8)"),
+        (["epsilon", "--noise-multiplier", "1.1", *MNIST, "--noise", "tree", "--sampling", "fixed_size"],
+         "--sampling poisson"),
+        (["calibrate", "--target-epsilon", "3", *MNIST, "--noise", "tree", "--partitions", "1000"],
+         "--batch-size * --partitions"),
+    ]
+
+
+@pytest.mark.parametrize("args, needle", _bad_noise_cases())
+def test_bad_noise_options_exit_2_with_a_message(capsys, args, needle):
+    test_bad_input_exits_2_with_a_message(capsys, args, needle)
+
+
+def test_correlated_noise_is_accounted_as_its_dp_sgd_compositions(capsys):
+    # BandMF over 16 parts: 1172 steps of 5 epochs are 74 passes, each a Poisson step at q = B * P / N.
+    five = ["--dataset-size", "60000", "--batch-size", "256", "--epochs", "5", "--delta", "1e-5"]
+    assert main(["epsilon", "--noise-multiplier", "1.1", *five, "--noise", "bandmf", "--bands", "4",
+                 "--partitions", "16"]) == 0
+    out = capsys.readouterr().out
+    expected = accounting.epsilon(noise_multiplier=1.1, steps=74, sampling_rate=256 * 16 / 60000, delta=1e-5)
+    assert _number("epsilon", out) == pytest.approx(expected, rel=1e-3)
+    assert "accounted as 74 DP-SGD steps" in out
+    # A tree per pass over 9 parts: 23 passes of height 4, 92 Gaussian compositions without sampling.
+    assert main(["calibrate", "--target-epsilon", "3", "--dataset-size", "1437", "--batch-size", "144",
+                 "--epochs", "20", "--delta", "1e-5", "--noise", "tree", "--partitions", "9"]) == 0
+    out = capsys.readouterr().out
+    sigma = accounting.calibrate_noise_multiplier(target_epsilon=3, delta=1e-5, steps=92, sampling_rate=1.0)
+    assert _number("noise multiplier", out) == pytest.approx(sigma, rel=1e-3)
+
+
 @pytest.mark.parametrize("args", [
     ["epsilon", "--noise-multiplier", "1.1", *MNIST, "--sampling", "shuffle"],
     ["epsilon", "--noise-multiplier", "abc", *MNIST],

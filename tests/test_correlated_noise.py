@@ -141,16 +141,20 @@ def test_one_band_accounting_is_dp_sgds_and_bands_divide_the_compositions():
     assert cn.epsilon(bands=4, steps=301, **kw) == accounting.epsilon(steps=76, **kw)  # a part used once more
 
 
-def test_plain_privatize_refuses_a_cyclic_sampler():
-    # Until the correlated-noise transformation takes it, DP-SGD's ledger does not account cyclic sampling.
+def test_plain_privatize_accounts_a_cyclic_sampler_as_one_step_per_pass():
+    # Independent noise with cyclic Poisson sampling: an example is in at most ceil(T / P) steps.
     import optax
 
     import dpjax
+    from dpjax import accounting
     from dpjax.sampling import CyclicPoissonSampler
 
-    with pytest.raises(ValueError, match="sampling must be one of"):
-        dpjax.privatize(optax.sgd(0.1), noise_multiplier=1.0, l2_clip_norm=1.0,
-                        sampler=CyclicPoissonSampler(100, partitions=4, sampling_rate=0.2, seed=0))
+    sampler = CyclicPoissonSampler(100, partitions=4, sampling_rate=0.2, seed=0)
+    tx = dpjax.privatize(optax.sgd(0.1), noise_multiplier=1.0, l2_clip_norm=1.0, sampler=sampler)
+    state = tx.init(jnp.zeros(2))
+    state = state._replace(ledger=state.ledger._replace(steps=jnp.int32(10)))
+    q = float(state.ledger.sampling_rate)  # 0.2 rounded up to a float32
+    assert dpjax.epsilon(state, 1e-5) == accounting.epsilon(noise_multiplier=1.0, steps=3, sampling_rate=q, delta=1e-5)
 
 
 def test_tree_nodes_partition_the_prefix():

@@ -183,7 +183,7 @@ def test_sampler_for_another_data_size_is_refused(setup, tmp_path):
     rows = jax.tree_util.tree_map(lambda a: a[:100], data)
     g = jax.jit(dpjax.clipped_grad(loss_fn, l2_clip_norm=CLIP, method="vmap"))(params, dpjax.PoissonSampler(100, expected_batch_size=10,
                                                                                   seed=0).sample().take(rows))
-    with pytest.raises(dpjax.BatchProvenanceError, match="another sampling scheme, data-set size N or rate q"):
+    with pytest.raises(dpjax.BatchProvenanceError, match="another sampling scheme, data-set size N, rate q"):
         tx.update(g, tx.init(params), params)
     fixed = dpjax.FixedSizeSampler(512, batch_size=10, seed=0).sample().take(data)
     with pytest.raises(dpjax.BatchProvenanceError, match="another sampling scheme"):
