@@ -524,8 +524,8 @@ def audit_dpsgd(*, noise_multiplier: float = 3.0, steps: int = 10, sampling_rate
     if canary_norm < l2_clip_norm:
         raise ValueError("canary_norm must be >= l2_clip_norm so each canary contributes exactly C")
     partitions = validation.check_positive_int("partitions", partitions)
-    code = correlated_noise.INDEPENDENT if noise is None else noise.code
-    count, sampled = correlated_noise.compositions(code, steps, partitions, getattr(noise, "bands", 1))
+    code, bands = correlated_noise.code_and_bands(noise)
+    count, sampled = correlated_noise.compositions(code, steps, partitions, bands)
     eps_acc = accounting.epsilon(noise_multiplier=noise_multiplier, steps=count, delta=delta,
                                  sampling_rate=sampling_rate if sampled else 1.0, accountant=accountant)
     if noise is not None:

@@ -107,7 +107,8 @@ def _accounted(args: argparse.Namespace, steps: int) -> dict:
     if args.batch_size * parts > args.dataset_size:
         raise ValueError(f"--batch-size * --partitions must be <= --dataset-size (B = {args.batch_size} per "
                          f"step from a part of N / P = {args.dataset_size / parts:g} examples)")
-    count, sampled = cn.compositions(cn.INDEPENDENT if noise is None else noise.code, steps, parts, args.bands or 1)
+    code, bands = cn.code_and_bands(noise)
+    count, sampled = cn.compositions(code, steps, parts, bands)
     return dict(steps=count, sampling="poisson",
                 sampling_rate=args.batch_size * parts / args.dataset_size if sampled else 1.0)
 

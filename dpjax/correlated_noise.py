@@ -345,6 +345,13 @@ class TreeAggregation:
         return TREE_RESTARTS if self.restarts else TREE
 
 
+def code_and_bands(noise) -> Tuple[int, int]:
+    """(mechanism code, bands) of ``noise=`` (None: independent noise, 1 band)."""
+    if noise is None:
+        return INDEPENDENT, 1
+    return noise.code, noise.bands if isinstance(noise, BandMF) else 1
+
+
 def check_mechanism(noise, sampler) -> None:
     """Refuse a strategy and sampler whose participation the accounting does not cover."""
     if noise is None:

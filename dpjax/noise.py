@@ -101,11 +101,11 @@ class _NoiseSettings:
 
     @property
     def mechanism(self) -> int:
-        return cn.INDEPENDENT if self.noise is None else self.noise.code
+        return cn.code_and_bands(self.noise)[0]
 
     @property
     def bands(self) -> int:
-        return self.noise.bands if isinstance(self.noise, cn.BandMF) else 1
+        return cn.code_and_bands(self.noise)[1]
 
 
 def _sampling_of(sampler, expected_batch_size, num_examples, sampling_rate, sampling):
@@ -422,8 +422,8 @@ def privatize(
         raise TypeError(f"trust_unverified_batches must be True or False, got {trust_unverified_batches!r}")
     cn.check_mechanism(noise, sampler)
     partitions = getattr(sampler, "partitions", 1)
-    mechanism = (cn.INDEPENDENT if noise is None else noise.code, partitions,
-                 noise.bands if isinstance(noise, cn.BandMF) else 1)
+    code, bands = cn.code_and_bands(noise)
+    mechanism = (code, partitions, bands)
     settings = _NoiseSettings(
         sigma=sigma, clip=clip, normaliser=batch, sampling_rate=q, num_examples=n, sampling=sampling,
         accumulation_steps=k,

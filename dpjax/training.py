@@ -273,7 +273,7 @@ def _cycle(s: FitSettings, n: int, batch_size: int) -> tuple:
     if s.mesh is not None:
         raise ValueError("noise= (correlated noise) is not supported with mesh= yet: the sharded sampler "
                          "is not cyclic")
-    bands = s.noise.bands if isinstance(s.noise, correlated_noise.BandMF) else 1
+    bands = correlated_noise.code_and_bands(s.noise)[1]
     parts = max(bands, n // batch_size) if s.partitions is None else validation.check_positive_int(
         "partitions", s.partitions)
     if parts < bands or parts > n:
@@ -286,8 +286,7 @@ def _calibrated_sigma(s: FitSettings, q: float, total_steps: int, partitions: in
     records (q rounded up, σ rounded up to a float32 here so the ledger keeps it
     exactly): the ledger's ε is then within the target and the budget guard does not
     stop the run a step early."""
-    code = correlated_noise.INDEPENDENT if s.noise is None else s.noise.code
-    bands = s.noise.bands if isinstance(s.noise, correlated_noise.BandMF) else 1
+    code, bands = correlated_noise.code_and_bands(s.noise)
     count, sampled = correlated_noise.compositions(code, total_steps, partitions, bands)
     sigma = accounting.calibrate_noise_multiplier(
         target_epsilon=s.target_epsilon, delta=s.delta, steps=count, accountant=s.accountant,
