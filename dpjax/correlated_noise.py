@@ -371,6 +371,14 @@ def check_mechanism(noise, sampler) -> None:
                          f"dpjax.sampling.CyclicPoissonSampler(N, partitions=P, ...), not {type(sampler).__name__}")
 
 
+def _check_accountable(code: int, partitions: int, bands: int) -> None:
+    # With fewer parts than bands an example's columns of C overlap: the
+    # one-step-per-pass accounting below would understate its privacy loss.
+    if code == BANDED and int(bands) > partitions:
+        raise ValueError(f"BandMF with {int(bands)} bands needs at least as many partitions, got {partitions}: "
+                         "this participation is not accounted")
+
+
 def compositions(code: int, steps: int, partitions: int, bands: int) -> Tuple[int, bool]:
     """The privacy of ``steps`` noisy steps as DP-SGD steps: ``(count, sampled)``.
 
@@ -388,6 +396,7 @@ def compositions(code: int, steps: int, partitions: int, bands: int) -> Tuple[in
     (9, False)
     """
     steps, partitions = int(steps), int(partitions)
+    _check_accountable(code, partitions, bands)
     if steps == 0:
         return 0, code in (INDEPENDENT, BANDED)
     passes = -(-steps // partitions)
@@ -402,6 +411,7 @@ def compositions(code: int, steps: int, partitions: int, bands: int) -> Tuple[in
 
 def max_noisy_steps(code: int, partitions: int, bands: int, max_compositions: int) -> int:
     """The most steps whose :func:`compositions` count is at most ``max_compositions``."""
+    _check_accountable(code, int(partitions), bands)
     if code in (INDEPENDENT, BANDED):
         return max_compositions * partitions
     if code == TREE_RESTARTS:

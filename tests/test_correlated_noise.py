@@ -141,6 +141,16 @@ def test_one_band_accounting_is_dp_sgds_and_bands_divide_the_compositions():
     assert cn.epsilon(bands=4, steps=301, **kw) == accounting.epsilon(steps=76, **kw)  # a part used once more
 
 
+def test_bandmf_with_fewer_parts_than_bands_is_not_accounted():
+    # Its columns would overlap: counting one composition per pass would understate ε.
+    with pytest.raises(ValueError, match="4 bands needs at least as many partitions, got 3"):
+        cn.compositions(cn.BANDED, steps=12, partitions=3, bands=4)
+    with pytest.raises(ValueError, match="not accounted"):
+        cn.max_noisy_steps(cn.BANDED, partitions=3, bands=4, max_compositions=5)
+    assert cn.compositions(cn.BANDED, steps=12, partitions=4, bands=4) == (3, True)
+    assert cn.max_noisy_steps(cn.BANDED, partitions=4, bands=4, max_compositions=5) == 20
+
+
 def test_plain_privatize_accounts_a_cyclic_sampler_as_one_step_per_pass():
     # Independent noise with cyclic Poisson sampling: an example is in at most ceil(T / P) steps.
     import optax

@@ -236,6 +236,17 @@ def test_fit_refuses_to_resume_with_another_noise(digits, tmp_path):
                   **SETTINGS)
 
 
+def test_fit_refuses_what_its_samplers_cannot_account_before_training(digits):
+    from dpjax import parallel
+
+    with pytest.raises(ValueError, match="not supported with mesh="):  # the sharded sampler is not cyclic
+        dpjax.fit(models.MLP(), digits, noise=cn.BandMF(bands=2), mesh=parallel.data_mesh(), **SETTINGS)
+    with pytest.raises(ValueError, match=r"partitions must be in \[bands=4"):
+        dpjax.fit(models.MLP(), digits, noise=cn.BandMF(bands=4), partitions=3, **SETTINGS)
+    with pytest.raises(TypeError, match="noise must be None"):
+        dpjax.fit(models.MLP(), digits, noise="bandmf", **SETTINGS)
+
+
 @pytest.mark.parametrize("noise", [cn.BandMF(bands=4), cn.TreeAggregation()])
 def test_the_one_run_canary_audit_passes_with_correlated_noise(noise):
     from dpjax import audit
