@@ -15,14 +15,17 @@ Tasks: ``digits`` (scikit-learn's, the default CNN) and ``synthetic`` (a
 20,000-example, 10-class linear-teacher problem with a 2-layer MLP, made here).
 
 Cost: the time of one jitted ``privatize`` update (noise only, a 1M-parameter
-pytree) per mechanism and the bytes of noise state it keeps, on this machine.
+pytree) per mechanism and the bytes of noise state it keeps, on this machine; and
+(``--step``) the time and optimizer-state bytes of a whole jitted training step
+(clipped gradient, noise, SGD) per mechanism beside DP-SGD and non-private SGD.
 
-Writes ``benchmarks/results/correlated_noise/{utility_TASK,cost}.{json,md}`` and
+Writes ``benchmarks/results/correlated_noise/{utility_TASK,cost,step_overhead}.{json,md}`` and
 ``utility_TASK.png``. Example (2-core CPU: digits about 10 minutes, synthetic 15)::
 
     python -m benchmarks.correlated_noise --task digits --epochs 20 --epsilon 3
     python -m benchmarks.correlated_noise --task synthetic --epochs 10 --epsilon 3
     python -m benchmarks.correlated_noise --cost
+    python -m benchmarks.correlated_noise --step    # whole training steps at batch 144
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import optax
 
 import dpjax
@@ -134,6 +138,72 @@ def cost() -> list:
     return rows
 
 
+STEP_MECHANISMS = [("non-private", None, 0), ("dp-sgd", None, 1), ("tree", cn.TreeAggregation(), 9),
+                   ("bandmf-4", cn.BandMF(bands=4), 4), ("bandmf-9", cn.BandMF(bands=9), 9)]
+
+
+def _step_fn(model, noise, parts, params, batch_size):
+    """A jitted training step (clipped gradient, noise, SGD; or plain SGD when ``parts`` is 0)
+    and its initial optimizer state."""
+    def loss(p, b):
+        return dpjax.training.cross_entropy(model.apply(p, b["x"]), b["y"]).mean()
+
+    if not parts:
+        tx = optax.sgd(0.1, momentum=0.9)
+        grad = jax.grad(loss)
+        return jax.jit(lambda p, st, b: tx.update(grad(p, b), st, p)), tx.init(params)
+    sampler = dpjax.CyclicPoissonSampler(parts * batch_size, partitions=parts, sampling_rate=1.0, seed=0) \
+        if parts > 1 else dpjax.PoissonSampler(10 * batch_size, expected_batch_size=batch_size, seed=0)
+    tx = dpjax.privatize(optax.sgd(0.1, momentum=0.9), noise_multiplier=1.0, l2_clip_norm=1.0, sampler=sampler,
+                         seed=0, noise=noise, trust_unverified_batches=True)
+    grad = dpjax.clipped_grad(loss, l2_clip_norm=1.0)
+    return jax.jit(lambda p, st, b: tx.update(grad(p, b), st, p)), tx.init(params)
+
+
+def step_overhead(batch_size: int = 144, rounds: int = 7, steps: int = 10) -> list:
+    """Step time and optimizer-state bytes of each mechanism in a whole training step, for
+    the digits CNN and a 1M-parameter MLP; mechanisms alternate within each round so a
+    drifting machine load affects them alike."""
+    rows = []
+    for model_name, model in [("digits CNN", models.CNN(num_classes=10)),
+                              ("MLP 64-1024-1024-10", _WideMLP())]:
+        x = jnp.asarray(np.random.default_rng(0).random((batch_size, 8, 8, 1), np.float32))
+        batch = {"x": x, "y": jnp.arange(batch_size, dtype=jnp.int32) % 10}
+        params = model.init(jax.random.PRNGKey(0), x[:1])
+        steps_by = {name: _step_fn(model, noise, parts, params, batch_size) for name, noise, parts in STEP_MECHANISMS}
+        times = {name: [] for name in steps_by}
+        for name, (fn, st) in steps_by.items():
+            jax.block_until_ready(fn(params, st, batch))
+        for _ in range(rounds):
+            for name, (fn, st) in steps_by.items():
+                t = time.perf_counter()
+                for _ in range(steps):
+                    out = fn(params, st, batch)
+                jax.block_until_ready(out)
+                times[name].append((time.perf_counter() - t) / steps)
+        for name, (fn, st) in steps_by.items():
+            rows.append({"model": model_name, "mechanism": name, "step_ms": 1e3 * statistics.median(times[name]),
+                         "opt_state_bytes": sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(st)),
+                         "params": sum(a.size for a in jax.tree_util.tree_leaves(params))})
+        dp, np_ = (next(r["step_ms"] for r in rows if r["model"] == model_name and r["mechanism"] == m)
+                   for m in ("dp-sgd", "non-private"))
+        for r in rows:
+            if r["model"] == model_name:
+                r["vs_dp_sgd"], r["vs_non_private"] = r["step_ms"] / dp, r["step_ms"] / np_
+                print(f"{model_name:20s} {r['mechanism']:12s} {r['step_ms']:7.2f} ms ({r['vs_dp_sgd']:.2f}x DP-SGD), "
+                      f"state {r['opt_state_bytes'] / 2**20:.2f} MiB", flush=True)
+    return rows
+
+
+class _WideMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], -1))
+        x = nn.tanh(nn.Dense(1024)(x))
+        x = nn.tanh(nn.Dense(1024)(x))
+        return nn.Dense(10)(x)
+
+
 def _write(name: str, payload: dict, table: str) -> None:
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, name + ".json"), "w") as f:
@@ -180,9 +250,20 @@ def main(argv=None) -> int:
     p.add_argument("--lr", nargs="+", type=float, default=[0.1, 0.3, 1.0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--cost", action="store_true", help="measure the update time and noise state instead")
+    p.add_argument("--step", action="store_true",
+                   help="measure whole training steps (time, optimizer state) per mechanism instead")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore", dpjax.accounting.RdpConvergenceWarning)
     warnings.simplefilter("ignore", dpjax.UnverifiedBatchesWarning)
+    if args.step:
+        rows = step_overhead(args.batch_size)
+        table = ("| model | mechanism | step ms | ÷ DP-SGD | ÷ non-private | optimizer state |\n"
+                 "|---|---|---:|---:|---:|---:|\n" + "".join(
+                     f"| {r['model']} | {r['mechanism']} | {r['step_ms']:.2f} | {r['vs_dp_sgd']:.2f} | "
+                     f"{r['vs_non_private']:.2f} | {r['opt_state_bytes'] / 2**20:.2f} MiB |\n" for r in rows))
+        _write("step_overhead", {"backend": jax.default_backend(), "batch_size": args.batch_size, "rows": rows},
+               table)
+        return 0
     if args.cost:
         rows = cost()
         table = ("| mechanism | update ms (1M params) | ÷ DP-SGD | noise state |\n|---|---:|---:|---:|\n" + "".join(
