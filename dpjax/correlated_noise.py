@@ -112,7 +112,9 @@ def next_noise(coefficients, buffer, z):
     c = jnp.asarray(_check_coefficients(coefficients), jnp.float32)
 
     def one(buf, zt):
-        past = jnp.tensordot(c[1:], buf, axes=(0, 0)) if buf.shape[0] else 0.0
+        # An unrolled sum of b − 1 scaled buffers fuses into one pass (a tensordot over so short
+        # an axis is ~25% slower on the CPU).
+        past = sum(c[j + 1] * buf[j] for j in range(buf.shape[0]))
         wt = (zt - past) / c[0]
         return wt, (jnp.concatenate([wt[None], buf[:-1]]) if buf.shape[0] else buf)
 
