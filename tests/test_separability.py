@@ -164,4 +164,4 @@ def test_has_aux_returns_each_examples_aux(method):
     assert g.aux["out"].shape == (6, 1, 3) and g.aux["mean"].shape == (6,)
     np.testing.assert_allclose(g.aux["out"][:, 0], _features(w, {"x": X}), rtol=1e-5)
     plain = dpjax.clipped_grad(lambda w, b: loss(w, b)[0], l2_clip_norm=1.0, method=method)(w, {"x": X})
-    np.testing.assert_allclose(g.sum, plain.sum, rtol=1e-5)
+    np.testing.assert_allclose(g.sum, plain.sum, rtol=1e-5, atol=1e-7)  # jit + microbatches reorder float sums
